@@ -1,0 +1,1 @@
+"""microscope_pl."""

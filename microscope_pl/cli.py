@@ -1,0 +1,141 @@
+"""The `microscope` command.
+
+`fit`, `validate`, `test` and `predict` go to LightningCLI (configs under
+`configs/`); everything else (`data`, `run`, `generate`, `eval`, `bench`,
+`latents`) is a plain argparse subcommand. Errors a user can fix print one
+line and exit 2; set MICROSCOPE_DEBUG=1 for the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from microscope_pl.checkpointing import CheckpointError
+
+    return (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def _lightning_cli(argv: list[str]) -> int:
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from microscope_pl.checkpointing import read_checkpoint
+
+    class MicroscopeCLI(LightningCLI):
+        def before_fit(self) -> None:
+            """Resume from `<checkpoint dir>/last.ckpt` when no ckpt_path is given."""
+            config = self.config_init[self.subcommand]
+            if config.get("ckpt_path"):
+                read_checkpoint(config["ckpt_path"])
+                return
+            callback = self.trainer.checkpoint_callback
+            dirpath = getattr(callback, "dirpath", None)
+            if dirpath and not self.trainer.fast_dev_run:
+                last = Path(dirpath) / "last.ckpt"
+                if last.exists():
+                    read_checkpoint(last)  # a truncated file fails here with one line
+                    print(f"resuming from {last}", flush=True)
+                    config["ckpt_path"] = str(last)
+
+        def before_test(self) -> None:
+            path = self.config_init[self.subcommand].get("ckpt_path")
+            if path and path not in ("best", "last"):
+                read_checkpoint(path)
+
+        before_validate = before_test
+
+    MicroscopeCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"prog": "microscope"},
+    )
+    return 0
+
+
+def _register_optional(sub: argparse._SubParsersAction, module: str) -> None:
+    """Each feature package registers its own subcommands (`register(sub)`)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("microscope_pl"):
+            return  # feature not built yet
+        raise
+    mod.register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microscope",
+        description="MICROSCOPE talking-head generation. Training: microscope {fit,validate,test,predict} "
+        "--config configs/<phase>.yaml (LightningCLI; add --help for every option).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"LightningCLI {name} (see `microscope {name} --help`)", add_help=False)
+
+    run = sub.add_parser("run", help="train the phases in order, skipping finished ones")
+    run.add_argument("--until", default="diffusion", help="last phase to run (phase1, phase2, pbnet, diffusion)")
+    run.add_argument("--only", default=None, help="run just this phase")
+    run.add_argument("--force", action="store_true", help="train a phase even if its last.ckpt exists")
+    run.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to every `fit`, after --")
+    run.set_defaults(func=_run_phases)
+
+    for module in (
+        "microscope_pl.data.cli",
+        "microscope_pl.metrics.evaluate",
+        "microscope_pl.inference.cli",
+        "microscope_pl.inference.bench",
+        "microscope_pl.modules.latent_cache",
+    ):
+        _register_optional(sub, module)
+    return parser
+
+
+def _run_phases(args: argparse.Namespace) -> int:
+    from microscope_pl.phases import run_phases
+
+    extra = [a for a in args.extra if a != "--"]
+    return run_phases(args.until, extra, force=args.force, only=args.only)
+
+
+def _guard(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except _user_errors() as err:
+        if os.environ.get("MICROSCOPE_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return _guard(lambda: _lightning_cli(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    return _guard(lambda: int(args.func(args) or 0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""MDCF as a codec for diffusion: (reference, frames) <-> latent clips.
+
+`latent="mdcf"`: z = LMAE mean (or a sample, eq. 4) of FDE's [f; m], 4 x H/32.
+`latent="fde"`: the DAWN-style baseline that diffuses [f; m] at H/4 directly.
+Both are normalised to unit scale with a stored `scale` buffer, so the same
+denoiser and noise schedule fit either.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from microscope_pl.models.fde import FDE
+from microscope_pl.models.lmae import LMAE, identity_grid
+
+
+class DynamicsCodec(nn.Module):
+    """Frozen FDE (+ LMAE) turning motion from a reference frame into latents.
+
+    Args:
+        fde: the phase-1 network.
+        lmae: the phase-2 network, or None for the H/4 baseline.
+        latent_source: "mean" (deterministic) or "sample" (eq. 4) when encoding.
+    """
+
+    def __init__(self, fde: FDE, lmae: LMAE | None, latent_source: str = "mean") -> None:
+        super().__init__()
+        if latent_source not in ("mean", "sample"):
+            raise ValueError(f"latent_source must be 'mean' or 'sample', got {latent_source!r}")
+        self.fde = fde
+        self.lmae = lmae
+        self.latent_source = latent_source
+        self.register_buffer("scale", torch.ones(()))  # set by calibrate(), saved in checkpoints
+
+    @property
+    def latent_channels(self) -> int:
+        return self.lmae.latent_channels if self.lmae is not None else 3
+
+    @property
+    def latent_down(self) -> int:
+        """Spatial factor between frames and latents (32 for MDCF, 4 for the baseline)."""
+        return self.fde.downsample * (self.lmae.downsample_factor if self.lmae is not None else 1)
+
+    # ---------------------------------------------------------------- encode
+    @torch.no_grad()
+    def encode_raw(self, reference: Tensor, frames: Tensor, chunk: int = 32) -> Tensor:
+        """Unscaled latents: reference `b 3 H W`, frames `b n 3 H W` -> `b c n h w`."""
+        b, n = frames.shape[:2]
+        flat = rearrange(frames, "b n c h w -> (b n) c h w")
+        ref = reference.repeat_interleave(n, dim=0)
+        parts = []
+        for start in range(0, b * n, chunk):
+            dyn = self.fde.dynamics(ref[start:start + chunk], flat[start:start + chunk])
+            parts.append(self._dynamics_to_latent(dyn))
+        return rearrange(torch.cat(parts), "(b n) c h w -> b c n h w", b=b)
+
+    def encode(self, reference: Tensor, frames: Tensor, chunk: int = 32) -> Tensor:
+        """Normalised latents `b c n h w` for the diffusion model."""
+        return self.encode_raw(reference, frames, chunk) * self.scale
+
+    def _dynamics_to_latent(self, dyn: Tensor) -> Tensor:
+        if self.lmae is None:  # centre the baseline: displacement from identity, occlusion in [-1, 1]
+            grid = identity_grid(dyn.shape[-2], dyn.shape[-1], dyn.device, dyn.dtype)
+            return torch.cat([dyn[:, :2] - grid, dyn[:, 2:] * 2 - 1], dim=1)
+        mu, logvar = self.lmae.encode(dyn)
+        return LMAE.sample(mu, logvar) if self.latent_source == "sample" else mu
+
+    @torch.no_grad()
+    def calibrate(self, raw: Tensor) -> float:
+        """Set `scale` so the latents have unit standard deviation (LDM practice)."""
+        self.scale.fill_(1.0 / raw.float().std().clamp_min(1e-6).item())
+        return float(self.scale)
+
+    # ---------------------------------------------------------------- decode
+    def latent_to_dynamics(self, z: Tensor) -> Tensor:
+        """`k c h w` normalised latents -> `k 3 H/4 W/4` dynamics."""
+        z = z / self.scale
+        if self.lmae is None:
+            grid = identity_grid(z.shape[-2], z.shape[-1], z.device, z.dtype)
+            return torch.cat([(z[:, :2] + grid).clamp(-1, 1), ((z[:, 2:] + 1) / 2).clamp(0, 1)], dim=1)
+        return self.lmae.decode(z)
+
+    @torch.no_grad()
+    def decode_chunks(self, features: list[Tensor], z: Tensor, chunk: int = 16) -> Iterator[Tensor]:
+        """Yield frames `k 3 H W` in [0, 1] for latents `1 c n h w`, `chunk` at a time.
+
+        `features` are `fde.encode(reference)` with batch 1; memory outside
+        the latents does not grow with n.
+        """
+        if z.shape[0] != 1:
+            raise ValueError(f"decode_chunks takes one clip (batch 1), got batch {z.shape[0]}")
+        for start in range(0, z.shape[2], chunk):
+            part = rearrange(z[0, :, start:start + chunk], "c k h w -> k c h w")
+            yield self.fde.decode(features, self.latent_to_dynamics(part))
+
+    def decode(self, features: list[Tensor], z: Tensor, chunk: int = 16) -> Tensor:
+        """All frames at once: `1 c n h w` -> `n 3 H W` (tests and short clips)."""
+        return torch.cat(list(self.decode_chunks(features, z, chunk)))
+
+
+class ImageCondition(nn.Module):
+    """E(x_src) brought to the latent resolution: FDE's bottleneck features
+    `b C H/d W/d` -> `b out H/(d*2^k) W/(d*2^k)` with k stride-2 convs."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_down: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1)]
+        for _ in range(num_down):
+            layers += [nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features)

@@ -1,0 +1,144 @@
+"""The phase registry and orchestrator.
+
+Order: phase1 (FDE) -> phase2 (LMAE, FDE frozen) -> diffusion (FDE + LMAE
+frozen); pbnet trains beside them on pose/blink tracks. Each phase writes
+`checkpoints/<phase>/{best,last}.ckpt`; a downstream phase finds its upstream
+as: explicit path > `best.ckpt` > `last.ckpt`, checks it is of the right phase
+with compatible settings, and freezes it with `load_frozen()`.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from microscope_pl.checkpointing import CheckpointError, file_sha256, read_checkpoint
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    config: str
+    upstream: str | None
+    summary: str
+
+
+PHASES: dict[str, Phase] = {
+    "phase1": Phase("phase1", "configs/phase1_fde.yaml", None, "FDE: flow + occlusion at H/4 (eq. 5)"),
+    "phase2": Phase("phase2", "configs/phase2_lmae.yaml", "phase1", "LMAE over [f; m], FDE frozen (eq. 6-9)"),
+    "pbnet": Phase("pbnet", "configs/pbnet.yaml", None, "PBNet: pose and blink from audio"),
+    "diffusion": Phase("diffusion", "configs/diffusion.yaml", "phase2", "3D U-Net latent diffusion (eq. 10)"),
+}
+ORDER = ["phase1", "phase2", "pbnet", "diffusion"]
+
+
+def checkpoint_root() -> Path:
+    """`checkpoints/` under the working directory (the configs' ModelCheckpoint dirpath)."""
+    return Path("checkpoints")
+
+
+def checkpoint_dir(phase: str) -> Path:
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; known: {', '.join(ORDER)}")
+    return checkpoint_root() / phase
+
+
+def find_checkpoint(phase: str, explicit: str | None = None) -> Path:
+    """Explicit path > checkpoints/<phase>/best.ckpt > last.ckpt."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise CheckpointError(f"{phase} checkpoint not found: {path}")
+        return path
+    folder = checkpoint_dir(phase)
+    for name in ("best.ckpt", "last.ckpt"):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(
+        f"no {phase} checkpoint in {folder}/ (best.ckpt or last.ckpt): "
+        f"train it first (`make {phase}`) or pass its path explicitly"
+    )
+
+
+def load_upstream(phase: str, explicit: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Find and read the checkpoint of `phase`; refuse one of another phase.
+
+    Returns the checkpoint dict and `{"path", "sha256"}` to record downstream.
+    """
+    path = find_checkpoint(phase, explicit)
+    ckpt = read_checkpoint(path)
+    found = ckpt.get("microscope_phase")
+    if found != phase:
+        raise CheckpointError(f"{path} is a {found or 'foreign'!s} checkpoint, expected a {phase} checkpoint")
+    return ckpt, {"path": str(path), "sha256": file_sha256(path)}
+
+
+def sub_state_dict(ckpt: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The weights of submodule `prefix` (e.g. "fde") from a Lightning checkpoint."""
+    head = prefix + "."
+    state = {k[len(head):]: v for k, v in ckpt["state_dict"].items() if k.startswith(head)}
+    if not state:
+        raise CheckpointError(f"checkpoint has no weights for {prefix!r}")
+    return state
+
+
+def require_equal(name: str, ours: Any, upstream: Any) -> None:
+    """Raise ValueError naming both values when settings disagree."""
+    if ours != upstream:
+        raise ValueError(f"incompatible {name}: this phase has {ours!r}, the upstream checkpoint has {upstream!r}")
+
+
+def _train_disabled(self: nn.Module, mode: bool = True) -> nn.Module:
+    return self  # frozen upstream networks stay in eval mode, whatever fit() asks
+
+
+def load_frozen(module: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Load weights (when given), set eval, disable train() and gradients."""
+    if state_dict is not None:
+        module.load_state_dict(state_dict)
+    module.eval()
+    for sub in module.modules():
+        sub.train = types.MethodType(_train_disabled, sub)
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+# ---------------------------------------------------------------- orchestrator
+
+
+def run_phases(until: str, extra_args: Iterable[str] = (), force: bool = False, only: str | None = None) -> int:
+    """Train the phases in order up to `until`, skipping finished ones.
+
+    A phase counts as finished when `checkpoints/<phase>/last.ckpt` exists
+    (`force=True` retrains, resuming from it). Each phase runs in its own
+    process so one failure stops the chain with a clear message.
+    """
+    if until not in PHASES:
+        raise ValueError(f"unknown phase {until!r}; known: {', '.join(ORDER)}")
+    names = ORDER[: ORDER.index(until) + 1] if only is None else [only]
+    for name in names:
+        phase = PHASES[name]
+        last = checkpoint_dir(name) / "last.ckpt"
+        if last.is_file() and not force:
+            print(f"[{name}] {last} exists: skipped (use --force to train further)")
+            continue
+        cmd = [sys.executable, "-m", "microscope_pl", "fit", "--config", phase.config, *extra_args]
+        print(f"[{name}] {phase.summary}: {' '.join(cmd[2:])}", flush=True)
+        code = subprocess.call(cmd)
+        if code != 0:
+            print(f"error: phase {name} failed (exit {code}); later phases not run", file=sys.stderr)
+            return code
+    return 0
