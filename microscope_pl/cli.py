@@ -22,7 +22,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
-def _lightning_cli(argv: list[str]) -> int:
+def _lightning_cli(argv: list[str] | None) -> int:
+    """Run LightningCLI on `argv` (None: sys.argv, as the console script)."""
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
@@ -126,9 +127,10 @@ def _guard(fn: Callable[[], int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        return _guard(lambda: _lightning_cli(argv))
+        return _guard(lambda: _lightning_cli(None if from_console else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -8,6 +8,7 @@ with compatible settings, and freezes it with `load_frozen()`.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -142,3 +143,30 @@ def run_phases(until: str, extra_args: Iterable[str] = (), force: bool = False, 
             print(f"error: phase {name} failed (exit {code}); later phases not run", file=sys.stderr)
             return code
     return 0
+
+
+# ---------------------------------------------------------------- loading
+
+PHASE_MODULES = {
+    "phase1": "microscope_pl.modules.fde_module.FDEModule",
+    "phase2": "microscope_pl.modules.lmae_module.LMAEModule",
+    "pbnet": "microscope_pl.modules.pbnet_module.PBNetModule",
+    "diffusion": "microscope_pl.modules.diffusion_module.LatentDiffusionModule",
+}
+
+
+def load_module(path: str | os.PathLike, phase: str, map_location: str = "cpu") -> nn.Module:
+    """Rebuild a trained LightningModule of `phase` from its own checkpoint
+    (weights_only load; upstream weights travel inside it), in eval mode."""
+    import importlib
+
+    ckpt = read_checkpoint(path, map_location)
+    found = ckpt.get("microscope_phase")
+    if found != phase:
+        raise CheckpointError(f"{path} is a {found or 'foreign'!s} checkpoint, expected a {phase} checkpoint")
+    module_path, cls_name = PHASE_MODULES[phase].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_path), cls_name)
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    model = cls(**hparams)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

@@ -144,7 +144,7 @@ class LatentDiffusionModule(PhaseModule):
             lmae = None
         else:
             fde, ckpt = fde_from_upstream(self, "phase2", hp.mdcf_ckpt_path)
-            hp.lmae_config = dict(ckpt["hyper_parameters"]["lmae_config"])
+            hp.lmae_config = dict(ckpt["lmae_config"])
             lmae = load_frozen(LMAE(**hp.lmae_config), sub_state_dict(ckpt, "lmae"))
         if hp.image_size % (fde.downsample * (lmae.downsample_factor if lmae else 1)):
             raise ValueError(f"image_size {hp.image_size} is not divisible by the latent factor")
@@ -203,14 +203,17 @@ class LatentDiffusionModule(PhaseModule):
         """
         hp = self.hparams
         cond = self.conditions(batch, ema=True)
-        if drop_audio:
-            cond["audio"] = torch.zeros_like(cond["audio"])
         b, n = batch["audio"].shape[:2]
         side = hp.image_size // self.codec.latent_down
-        model_fn = guided_model_fn(
-            self.ema, cond["image_cond"], cond["audio"], cond["pose"], cond["blink"],
-            audio_scale=hp.audio_scale if audio_scale is None else audio_scale,
-            motion_scale=hp.motion_scale if motion_scale is None else motion_scale, batch_branches=n <= 64)
+        if drop_audio:  # the learned null audio token, motion kept: the "no audio" control
+            drops = {"drop_audio": torch.ones(b, dtype=torch.bool, device=self.device),
+                     "drop_motion": torch.zeros(b, dtype=torch.bool, device=self.device)}
+            model_fn = lambda x, t: self.ema(x, t, **cond, **drops)  # noqa: E731
+        else:
+            model_fn = guided_model_fn(
+                self.ema, cond["image_cond"], cond["audio"], cond["pose"], cond["blink"],
+                audio_scale=hp.audio_scale if audio_scale is None else audio_scale,
+                motion_scale=hp.motion_scale if motion_scale is None else motion_scale, batch_branches=n <= 64)
         sampler = SAMPLERS[hp.sampler]
         return sampler(model_fn, (b, self.codec.latent_channels, n, side, side), self.schedule,
                        steps=steps or hp.sample_steps, generator=generator, progress=progress,

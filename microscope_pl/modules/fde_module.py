@@ -42,6 +42,7 @@ class FDEModule(PhaseModule):
         norm: str = "group",
         perceptual_weights: str = "imagenet",
         perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125),
+        perceptual_layer_weights: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0),
         l1_weight: float = 0.0,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
@@ -65,6 +66,7 @@ class FDEModule(PhaseModule):
             perceptual_weights: VGG19 weights: "imagenet" (local file or torchvision
                 download), a path to a state dict, or "random" (offline demo/tests only).
             perceptual_scales: image-pyramid scales of the VGG loss.
+            perceptual_layer_weights: L1 weights of relu1_1..relu5_1 (trailing zeros skip layers).
             l1_weight: weight of an extra pixel L1 term (0 = the paper's loss alone).
             lr: Adam learning rate.
             betas: Adam betas.
@@ -78,7 +80,8 @@ class FDEModule(PhaseModule):
         if image_size % (downsample * 8) != 0:
             raise ValueError(f"image_size {image_size} must be a multiple of 8 * downsample = {8 * downsample}")
         self.fde = FDE(**self.fde_config())
-        self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales, l1_weight=l1_weight)
+        self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales,
+                                      layer_weights=perceptual_layer_weights, l1_weight=l1_weight)
 
     def fde_config(self) -> dict[str, Any]:
         """The FDE constructor arguments; downstream phases rebuild FDE from these."""

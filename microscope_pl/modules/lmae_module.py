@@ -58,6 +58,7 @@ class LMAEModule(PhaseModule):
         igc_weight: float = 1.0,
         perceptual_weights: str = "imagenet",
         perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125),
+        perceptual_layer_weights: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0),
         l1_weight: float = 0.0,
         train_fde: bool = False,
         lr: float = 2e-4,
@@ -86,6 +87,7 @@ class LMAEModule(PhaseModule):
             igc_weight: lambda_IGC of eq. 9 (0 = the "w/o IGC" ablation).
             perceptual_weights: VGG19 weights for IGC ("imagenet", a path, or "random").
             perceptual_scales: image-pyramid scales of the VGG loss.
+            perceptual_layer_weights: L1 weights of relu1_1..relu5_1 (trailing zeros skip layers).
             l1_weight: extra pixel L1 inside the IGC term (0 = the paper's).
             train_fde: optimise FDE jointly from scratch (the "w/o TPC" ablation);
                 needs fde_config and no upstream checkpoint.
@@ -116,7 +118,8 @@ class LMAEModule(PhaseModule):
             channel_mult=channel_mult, num_res_blocks=num_res_blocks, norm_groups=norm_groups,
             mid_attention=mid_attention, output="dynamics",
         )
-        self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales, l1_weight=l1_weight)
+        self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales,
+                                      layer_weights=perceptual_layer_weights, l1_weight=l1_weight)
 
     def lmae_config(self) -> dict[str, Any]:
         """The LMAE constructor arguments; the diffusion phase rebuilds LMAE from these."""
@@ -128,7 +131,7 @@ class LMAEModule(PhaseModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["hyper_parameters"]["lmae_config"] = self.lmae_config()
+        checkpoint["lmae_config"] = self.lmae_config()  # not a hyperparameter: LightningCLI would pass it to __init__
 
     # ------------------------------------------------------------ eq. 6-9
     def _round_trip(self, batch: dict[str, torch.Tensor], sample: bool) -> dict[str, torch.Tensor]:
@@ -153,8 +156,7 @@ class LMAEModule(PhaseModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._round_trip(batch, sample=self.hparams.sample_latent)
         terms = self.losses(out, batch["driving"])
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=len(batch["source"]))
-        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=len(batch["source"]))
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True, batch_size=len(batch["source"]))
         return terms["loss"]
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, batch_idx: int) -> None:
@@ -170,7 +172,6 @@ class LMAEModule(PhaseModule):
         metrics["latent_mu_abs"] = out["mu"].abs().mean()
         metrics["latent_sigma"] = torch.exp(0.5 * out["logvar"]).mean()
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True, batch_size=len(source))
-        self.log(f"{stage}/loss", terms["loss"], prog_bar=True, sync_dist=True, batch_size=len(source))
         if stage == "val" and batch_idx == 0 and self.global_rank == 0:
             before, after = out["target_dynamics"][:4], out["dynamics"][:4]
             rows = [image_row(d, f, r, flow_to_color(b[None, :2])[0], flow_to_color(a[None, :2])[0], b[2:], a[2:])

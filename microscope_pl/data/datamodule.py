@@ -1,0 +1,176 @@
+"""LightningDataModule over a prepared or synthetic talking-head data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from microscope_pl.data.datasets import ClipDataset, FramePairDataset, load_manifest
+
+MODES = ("pairs", "clips")
+REFERENCES = ("first", "random")
+
+
+class TalkingHeadDataModule(pl.LightningDataModule):
+    """Frame pairs (phases 1-2) or aligned clips (diffusion, PBNet) from ``data_root``.
+
+    Train items come from the manifest's train split; validation and test both
+    come from its test split (identities unseen in training), deterministically.
+    When ``data_root`` has no manifest, ``prepare_data`` synthesises the
+    embedded data set there (unless ``synthesize_if_missing`` is False).
+    """
+
+    def __init__(
+        self,
+        data_root: str = "data/synth",
+        mode: str = "pairs",
+        image_size: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        num_frames: int = 20,
+        reference: str = "first",
+        samples_per_video: int = 16,
+        val_samples: int = 32,
+        augment: bool = True,
+        cache_mb: float = 256.0,
+        synthesize_if_missing: bool = True,
+        synth_videos: int = 8,
+        synth_seconds: float = 4.0,
+        synth_size: int = 128,
+        synth_seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            data_root: data set folder holding manifest.json (docs/interfaces.md layout).
+            mode: "pairs" -> {"source", "driving"} frames; "clips" -> ClipDataset items.
+            image_size: frame size fed to the model; None keeps the stored size, else torch-resized.
+            batch_size: items per batch (per device).
+            num_workers: DataLoader worker processes (persistent when > 0).
+            num_frames: clip length N in frames (mode "clips").
+            reference: "first" (clip's first frame) or "random" (any frame of the video) (mode "clips").
+            samples_per_video: training items drawn per train video per epoch.
+            val_samples: total validation (and test) items, spread over the test videos.
+            augment: flip + colour jitter on training pairs (mode "pairs").
+            cache_mb: per-worker budget for decoded videos kept in memory.
+            synthesize_if_missing: synthesise the embedded data set when data_root has no manifest.
+            synth_videos: videos to synthesise.
+            synth_seconds: length of each synthetic video in seconds.
+            synth_size: frame size of the synthetic videos.
+            synth_seed: seed of the synthetic data set.
+        """
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got batch_size={batch_size}, "
+                             f"num_workers={num_workers}")
+        if samples_per_video < 1 or val_samples < 1:
+            raise ValueError(f"samples_per_video={samples_per_video} and val_samples={val_samples} must be >= 1")
+        if image_size is not None and image_size < 8:
+            raise ValueError(f"image_size must be >= 8 or None, got {image_size}")
+        synth_frames = int(round(synth_seconds * 25))
+        if mode == "clips" and synthesize_if_missing and num_frames > synth_frames:
+            raise ValueError(f"num_frames={num_frames} is longer than the synthetic videos "
+                             f"(synth_seconds={synth_seconds} -> {synth_frames} frames)")
+        self.save_hyperparameters()
+        self.data_root = Path(data_root)
+        self.mode = mode
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.num_frames = num_frames
+        self.reference = reference
+        self.samples_per_video = samples_per_video
+        self.val_samples = val_samples
+        self.augment = augment
+        self.cache_mb = cache_mb
+        self.synthesize_if_missing = synthesize_if_missing
+        self.synth_args = {"videos": synth_videos, "seconds": synth_seconds, "size": synth_size,
+                           "seed": synth_seed}
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # ------------------------------------------------------------ data
+
+    def prepare_data(self) -> None:
+        """Synthesise the default data set into ``data_root`` when it has no manifest.json."""
+        if (self.data_root / "manifest.json").is_file():
+            return
+        if not self.synthesize_if_missing:
+            raise ValueError(f"{self.data_root / 'manifest.json'} not found and synthesize_if_missing=False; "
+                             "run `microscope data synth` or `microscope data prepare` first")
+        from microscope_pl.data.synth import synthesize
+
+        print(f"synthesising the embedded data set into {self.data_root} ({self.synth_args})")
+        synthesize(self.data_root, **self.synth_args)
+
+    def _make(self, split: str) -> Dataset:
+        if self.mode == "pairs":
+            if split == "train":
+                return FramePairDataset(self.data_root, split, self.image_size, augment=self.augment,
+                                        samples_per_video=self.samples_per_video, cache_mb=self.cache_mb)
+            per_video = self._eval_per_video()
+            return FramePairDataset(self.data_root, split, self.image_size, augment=False,
+                                    samples_per_video=per_video, cache_mb=self.cache_mb)
+        per_video = self.samples_per_video if split == "train" else self._eval_per_video()
+        return ClipDataset(self.data_root, split, self.num_frames, self.reference, self.image_size,
+                           samples_per_video=per_video, cache_mb=self.cache_mb)
+
+    def _eval_per_video(self) -> int:
+        videos = len(load_manifest(self.data_root)["test"])
+        if videos == 0:
+            raise ValueError(f"{self.data_root}: the test split is empty; validation needs at least one "
+                             "test video (prepare at least 2 videos)")
+        return max(1, -(-self.val_samples // videos))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a ``stage`` needs ("fit", "validate", "test", "predict" or None: all)."""
+        load_manifest(self.data_root)  # a clear error when prepare_data was skipped
+        if stage in ("fit", None):
+            self.train_set = self._make("train")
+        if stage in ("fit", "validate", None):
+            self.val_set = self._make("val")
+        if stage in ("test", "predict", None):
+            self.test_set = self._make("test")
+
+    def set_clip_options(self, num_frames: int | None = None, reference: str | None = None) -> None:
+        """Change clip length / reference (curriculum) and rebuild the datasets already built.
+
+        The trainer must reload dataloaders (``reload_dataloaders_every_n_epochs``) to see it.
+        """
+        if reference is not None and reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        self.num_frames = self.num_frames if num_frames is None else int(num_frames)
+        self.reference = self.reference if reference is None else reference
+        if self.train_set is not None:
+            self.train_set = self._make("train")
+        if self.val_set is not None:
+            self.val_set = self._make("val")
+        if self.test_set is not None:
+            self.test_set = self._make("test")
+
+    # ------------------------------------------------------------ loaders
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          drop_last=train and len(dataset) >= self.batch_size)  # type: ignore[arg-type]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

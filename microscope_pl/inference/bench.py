@@ -1,0 +1,578 @@
+"""`microscope bench generate`: memory and time of generation, MDCF vs the DAWN-style latent.
+
+The claim under test (DESIGN.md, stage 3): diffusing the 4 x H/32 MDCF latent
+instead of FDE's 3 x H/4 dynamics makes non-autoregressive generation of long
+clips affordable. Cost does not depend on the weights, so networks are built
+with random weights at the widths of configs/{diffusion,phase1_fde,phase2_lmae}.yaml
+(what we train) and run exactly as `generate` runs them:
+
+- denoising: the full clip through `--steps` DDIM steps (guidance scales 1:
+  one forward per step); the time per step is scaled to the configured
+  sample_steps (20) and the report says so;
+- decoding: the first `--decode-sample-chunks` chunks of `decode_chunk` frames
+  (LMAE + FDE decode and uint8 conversion, no H.264 encoding), extrapolated
+  to the clip length, also said in the report;
+- training: forward + backward + AdamW step of the denoiser on a 20-frame clip
+  at batch 1 (clip encoded online by the frozen codec, as in training).
+
+Each case runs in its own process, forked from a server that imported torch
+once, under a memory cap (RLIMIT_AS on the CPU plus an RSS watchdog that kills
+the case): a case over the cap is reported as "over N GB" and never takes the
+machine down. Peaks are per phase (VmHWM reset between phases), and include the
+Python + torch runtime, reported separately.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+GB = 1024**3
+LATENTS = ("mdcf", "fde")
+TRAIN_FRAMES = 20
+WORKER_MODULES = ["torch", "microscope_pl.models.unet3d", "microscope_pl.models.fde", "microscope_pl.models.lmae",
+                  "microscope_pl.models.mdcf", "microscope_pl.diffusion.samplers"]
+# --smoke: a few seconds of work per case, same code path.
+SMOKE_WIDTHS: dict[str, dict[str, Any]] = {
+    "unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [1], "num_heads": 2,
+             "cond_mode": "cross_attn", "cond_dim": 16, "image_cond_channels": 8, "audio_dim": 80},
+    "fde": {"downsample": 4, "block_expansion": 8, "max_features": 16, "num_regions": 2, "motion_block_expansion": 8,
+            "motion_max_features": 16, "motion_num_blocks": 2, "num_res_blocks": 1, "norm": "group"},
+    "lmae": {"latent_channels": 4, "num_down": 3, "base_channels": 8, "channel_mult": [1, 1, 1, 1],
+             "num_res_blocks": 1, "norm_groups": 4, "mid_attention": False},
+    "sampling": {"num_train_steps": 1000, "schedule": "cosine", "prediction": "eps", "sampler": "ddim",
+                 "sample_steps": 20, "decode_chunk": 16},
+}
+
+
+# ================================================================ CLI
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `bench generate` (its `func(args) -> int` runs the benchmark)."""
+    bench = subparsers.add_parser("bench", help="benchmarks (bench generate: memory/time, MDCF vs DAWN-style latent)")
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    p = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="peak memory and time of generation and of a training step, per case",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="frame sizes")
+    p.add_argument("--frames", type=int, nargs="+", default=[200, 400, 800, 1600], help="clip lengths")
+    p.add_argument("--latents", nargs="+", choices=LATENTS, default=list(LATENTS),
+                   help="mdcf: 4 x H/32 (paper); fde: 3 x H/4 dynamics (DAWN-style baseline)")
+    p.add_argument("--mem-cap-gb", type=float, default=20.0, help="memory cap per case (process RSS)")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps actually run (scaled to sample_steps)")
+    p.add_argument("--decode-sample-chunks", type=int, default=4, help="decoder chunks timed, then extrapolated")
+    p.add_argument("--train-steps", type=int, default=2, help="training steps timed (the last one is reported)")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-time limit per case")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
+    p.add_argument("--config-dir", default=None, help="where diffusion.yaml etc. live (default: the repo's configs/)")
+    p.add_argument("--out", default="reports/bench", help="folder for report.md, report.json, report.png")
+    p.add_argument("--smoke", action="store_true", help="tiny widths, 64x64, frames 8 and 16, 1 step (seconds)")
+    p.set_defaults(func=run_bench)
+    bench.set_defaults(func=lambda args: _usage(bench))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The canonical command reproducing this run (written into the report)."""
+    parts = ["microscope", "bench", "generate"]
+    if args.smoke:
+        parts.append("--smoke")
+    else:
+        parts += ["--sizes", *map(str, args.sizes), "--frames", *map(str, args.frames), "--steps", str(args.steps)]
+    parts += ["--latents", *args.latents, "--mem-cap-gb", f"{args.mem_cap_gb:g}",
+              "--decode-sample-chunks", str(args.decode_sample_chunks), "--train-steps", str(args.train_steps),
+              "--timeout-s", f"{args.timeout_s:g}", "--device", args.device]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    if args.config_dir:
+        parts += ["--config-dir", args.config_dir]
+    return shlex.join(parts + ["--out", str(args.out)])
+
+
+# ================================================================ widths from the configs
+
+
+def _init_args(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path} (pass --config-dir)")
+    return dict((yaml.safe_load(path.read_text()) or {}).get("model", {}).get("init_args", {}) or {})
+
+
+def config_widths(config_dir: str | None) -> tuple[dict[str, dict[str, Any]], str]:
+    """Network widths of the trained configs -> ({"unet", "fde", "lmae", "sampling"}, folder)."""
+    folder = Path(config_dir) if config_dir else Path(__file__).resolve().parents[2] / "configs"
+    if not config_dir and not folder.is_dir():
+        folder = Path("configs")
+    diffusion = _init_args(folder / "diffusion.yaml")
+    sampling = {k: diffusion[k] for k in SMOKE_WIDTHS["sampling"] if k in diffusion}
+    widths = {"unet": {k: v for k, v in diffusion.items() if k not in sampling},
+              "fde": _init_args(folder / "phase1_fde.yaml"), "lmae": _init_args(folder / "phase2_lmae.yaml"),
+              "sampling": {**SMOKE_WIDTHS["sampling"], **sampling}}
+    return widths, str(folder)
+
+
+# ================================================================ worker (one process per case)
+
+
+def _status_kb(field: str, pid: int | str = "self") -> int:
+    """A `VmXXX:` value of /proc/<pid>/status in kB (0 when unreadable)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+class PeakMemory:
+    """Peak process RSS (and CUDA allocations) per phase.
+
+    Linux resets the VmHWM high-water mark when "5" is written to
+    /proc/self/clear_refs, so each phase gets its own exact peak; elsewhere the
+    peak is ru_maxrss since the process started (`exact` False).
+    """
+
+    def __init__(self, device: "torch.device") -> None:  # noqa: F821
+        self.device = device
+        self.exact = True
+
+    def reset(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.exact = False
+
+    def read(self) -> dict[str, float | None]:
+        import torch
+
+        hwm = _status_kb("VmHWM") * 1024
+        if not hwm or not self.exact:
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        gpu = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            gpu = torch.cuda.max_memory_allocated(self.device) / GB
+        return {"peak_rss_gb": hwm / GB, "peak_gpu_gb": gpu}
+
+
+def _accepted(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that `cls.__init__` takes (configs hold training settings too)."""
+    import inspect
+
+    names = set(inspect.signature(cls).parameters)
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _build(case: dict[str, Any], device: "torch.device") -> dict[str, Any]:  # noqa: F821
+    """The networks `LatentDiffusionModule` holds, from models/ directly (no Lightning import)."""
+    from microscope_pl.diffusion.samplers import ddim_sample, dpm_solver_pp_2m_sample
+    from microscope_pl.diffusion.schedule import DiffusionSchedule
+    from microscope_pl.models.fde import FDE
+    from microscope_pl.models.lmae import LMAE
+    from microscope_pl.models.mdcf import DynamicsCodec, ImageCondition
+    from microscope_pl.models.unet3d import UNet3D
+
+    w, s = case["widths"], case["widths"]["sampling"]
+    fde = FDE(**_accepted(FDE, w["fde"]))
+    lmae = None
+    if case["latent"] == "mdcf":
+        lmae = LMAE(**{**_accepted(LMAE, w["lmae"]), "in_channels": 3, "output": "dynamics"})
+    codec = DynamicsCodec(fde, lmae).to(device).eval()
+    unet_args = {**_accepted(UNet3D, w["unet"]), "in_channels": codec.latent_channels}
+    extra_down = int(math.log2(codec.latent_down // fde.downsample))
+    image_cond = ImageCondition(fde.feature_channels[-1], unet_args.get("image_cond_channels", 256), extra_down)
+    unet = UNet3D(**unet_args)
+    sampler = {"ddim": ddim_sample, "dpm": dpm_solver_pp_2m_sample}[s["sampler"]]
+    return {"codec": codec, "unet": unet.to(device), "image_cond": image_cond.to(device), "sampler": sampler,
+            "schedule": DiffusionSchedule(s["num_train_steps"], s["schedule"], s["prediction"]),
+            "audio_dim": unet.audio_dim}
+
+
+def _sync(device: "torch.device") -> None:  # noqa: F821
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem: PeakMemory) -> dict[str, Any]:
+    """Denoise the whole clip for `steps` steps, then decode a sample of chunks."""
+    import torch
+
+    from microscope_pl.diffusion.samplers import guided_model_fn
+
+    codec, unet, size, n = nets["codec"], nets["unet"].eval(), case["size"], case["frames"]
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.rand(1, 3, size, size, generator=gen).to(device)
+    audio = torch.randn(1, n, nets["audio_dim"], generator=gen).to(device)
+    pose, blink = torch.zeros(1, n, 6, device=device), torch.zeros(1, n, 2, device=device)
+    side = size // codec.latent_down
+
+    mem.reset()
+    start = time.perf_counter()
+    with torch.no_grad():  # as LatentDiffusionModule.sample_latents
+        image_cond = nets["image_cond"](codec.fde.encode(reference)[-1])
+        model_fn = guided_model_fn(unet, image_cond, audio, pose, blink, audio_scale=1.0, motion_scale=1.0,
+                                   batch_branches=n <= 64)
+        z = nets["sampler"](model_fn, (1, codec.latent_channels, n, side, side), nets["schedule"],
+                            steps=case["steps"], generator=gen, device=device)
+    _sync(device)
+    denoise_s = time.perf_counter() - start
+    denoise = {"steps": case["steps"], "seconds": denoise_s, "per_step_s": denoise_s / case["steps"], **mem.read()}
+    del image_cond, model_fn
+
+    chunk = case["decode_chunk"]
+    mem.reset()
+    start = time.perf_counter()
+    decoded = 0
+    with torch.no_grad():  # as generate: E(x_src) once, then chunks streamed out as uint8
+        features = codec.fde.encode(reference)
+        for i, frames in enumerate(codec.decode_chunks(features, z, chunk)):
+            frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            decoded += frames.shape[0]
+            if i + 1 >= case["decode_sample_chunks"]:
+                break
+    _sync(device)
+    decode_s = time.perf_counter() - start
+    decode = {"sample_frames": decoded, "chunk": chunk, "seconds": decode_s, "per_frame_s": decode_s / decoded,
+              "projected_s": decode_s / decoded * n, **mem.read()}
+    return {"denoise": denoise, "decode": decode}
+
+
+def _train_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem: PeakMemory) -> dict[str, Any]:
+    """Forward + backward + AdamW of the denoiser on one clip (as LatentDiffusionModule.training_step)."""
+    import torch
+    import torch.nn.functional as F
+
+    codec, unet, image_cond, sched = nets["codec"], nets["unet"].train(), nets["image_cond"].train(), nets["schedule"]
+    n, size = case["frames"], case["size"]
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.rand(1, n, 3, size, size, generator=gen).to(device)
+    audio = torch.randn(1, n, nets["audio_dim"], generator=gen).to(device)
+    pose, blink = torch.zeros(1, n, 6, device=device), torch.zeros(1, n, 2, device=device)
+    params = [p for m in (unet, image_cond) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    mem.reset()
+    times = []
+    for _ in range(case["train_steps"]):
+        start = time.perf_counter()
+        z0 = codec.encode(frames[:, 0], frames)  # frozen codec, no_grad inside
+        with torch.no_grad():
+            features = codec.fde.encode(frames[:, 0])
+        t = sched.sample_timesteps(1, device=device)
+        noise = torch.randn_like(z0)
+        out = unet(sched.q_sample(z0, t, noise), t, image_cond(features[-1]), audio, pose, blink,
+                   drop_audio=torch.zeros(1, dtype=torch.bool, device=device),
+                   drop_motion=torch.zeros(1, dtype=torch.bool, device=device))
+        loss = F.mse_loss(out.float(), sched.target(z0, noise, t).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    step_s = times[-1]  # the first step also pays allocator and kernel warm-up
+    return {"train": {"frames": n, "steps": len(times), "step_s": step_s, "frames_per_s": n / step_s,
+                      "first_step_s": times[0], **mem.read()}}
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text \
+        or "defaultcpuallocator" in text
+
+
+def _worker(case: dict[str, Any], conn: Any, cap_bytes: int) -> None:
+    """Run one case; send {"event": "built", ...} then the result through `conn`."""
+    import torch
+
+    try:
+        device = torch.device(case["device"] if case["device"] != "auto"
+                              else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cpu":  # hard backstop beside the parent's RSS watchdog
+            limit = _status_kb("VmSize") * 1024 + cap_bytes
+            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        if case.get("threads"):
+            torch.set_num_threads(case["threads"])
+        torch.manual_seed(0)
+        runtime = _status_kb("VmRSS") * 1024 / GB
+        nets = _build(case, device)
+        codec = nets["codec"]
+        side = case["size"] // codec.latent_down
+        conn.send({"event": "built", "torch": torch.__version__, "device": str(device),
+                   "threads": torch.get_num_threads(), "runtime_rss_gb": runtime,
+                   "model_rss_gb": _status_kb("VmRSS") * 1024 / GB,
+                   "latent_shape": [codec.latent_channels, case["frames"], side, side],
+                   "compression": 3 * case["size"] ** 2 / (codec.latent_channels * side * side),
+                   "denoiser_params": sum(p.numel() for p in nets["unet"].parameters()),
+                   "codec_params": sum(p.numel() for p in codec.parameters())})
+        mem = PeakMemory(device)
+        run = _train_case if case["kind"] == "train" else _generate_case
+        conn.send({"event": "done", "status": "ok", "exact_peaks": mem.exact, **run(case, nets, device, mem)})
+    except BaseException as err:  # noqa: BLE001 - report every failure as a row, never crash the parent
+        status = "over" if _is_oom(err) else "error"
+        conn.send({"event": "done", "status": status, "error": f"{type(err).__name__}: {str(err).strip()[:300]}"})
+    finally:
+        conn.close()
+
+
+# ================================================================ parent: isolation and the cap
+
+
+def run_isolated(ctx: Any, case: dict[str, Any], cap_bytes: int, timeout_s: float) -> dict[str, Any]:
+    """Run `case` in a fresh process; kill it when its RSS passes `cap_bytes` or time runs out."""
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(case, send, cap_bytes), daemon=True)
+    start = time.perf_counter()
+    proc.start()
+    send.close()
+    result: dict[str, Any] = {}
+    watched = 0
+    while True:
+        while recv.poll(0.02):
+            try:
+                message = recv.recv()
+            except EOFError:
+                break
+            result.update({k: v for k, v in message.items() if k != "event"})
+            if message.get("event") == "done":
+                break
+        if result.get("status") or not proc.is_alive():
+            break
+        rss = _status_kb("VmRSS", proc.pid) * 1024
+        watched = max(watched, rss)
+        if rss > cap_bytes:
+            proc.kill()
+            result.update(status="over", error=f"RSS {rss / GB:.1f} GB passed the cap: killed by the watchdog")
+        elif time.perf_counter() - start > timeout_s:
+            proc.kill()
+            result.update(status="timeout", error=f"still running after {timeout_s:g} s: killed")
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if not result.get("status"):  # died without a word: the kernel's OOM killer, most likely
+        killed = proc.exitcode is not None and proc.exitcode < 0
+        result.update(status="over" if killed else "error",
+                      error=f"process ended with {'signal ' + str(-proc.exitcode) if killed else proc.exitcode}")
+    result["watchdog_peak_rss_gb"] = watched / GB
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """`bench generate`: every case in its own process, then report.md/json/png."""
+    if args.smoke:
+        args.sizes, args.frames, args.steps = [64], [8, 16], 1
+        args.decode_sample_chunks, args.train_steps = 1, 1
+    for name in ("steps", "decode_sample_chunks", "train_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if min(args.sizes) < 32 or min(args.frames) < 1 or args.mem_cap_gb <= 0:
+        raise ValueError(f"need sizes >= 32, frames >= 1 and a positive cap; got sizes {args.sizes}, "
+                         f"frames {args.frames}, cap {args.mem_cap_gb}")
+    widths, config_dir = config_widths(args.config_dir)
+    if args.smoke:
+        widths = {k: dict(v) for k, v in SMOKE_WIDTHS.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cap = int(args.mem_cap_gb * GB)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_MODULES)  # import torch once; each case is a fresh fork of that
+    base = {"device": args.device, "threads": args.threads, "widths": widths, "steps": args.steps,
+            "decode_chunk": int(widths["sampling"].get("decode_chunk", 16)),
+            "decode_sample_chunks": args.decode_sample_chunks, "train_steps": args.train_steps}
+    rows: list[dict[str, Any]] = []
+    for latent in args.latents:
+        for size in args.sizes:
+            stopped: str | None = None
+            for frames in sorted(args.frames):
+                case = {**base, "kind": "generate", "latent": latent, "size": size, "frames": frames}
+                if stopped:  # longer clips only cost more: do not grind through them
+                    rows.append({**_key(case), "status": stopped, "skipped": True,
+                                 "error": "skipped: a shorter clip already failed"})
+                    continue
+                rows.append({**_key(case), **run_isolated(ctx, case, cap, args.timeout_s)})
+                _print_row(rows[-1], args.mem_cap_gb)
+                if rows[-1]["status"] in ("over", "timeout"):
+                    stopped = rows[-1]["status"]
+            case = {**base, "kind": "train", "latent": latent, "size": size, "frames": TRAIN_FRAMES}
+            rows.append({**_key(case), **run_isolated(ctx, case, cap, args.timeout_s)})
+            _print_row(rows[-1], args.mem_cap_gb)
+    report = {"command": command_line(args), "config_dir": config_dir, "widths": widths,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+              "settings": {"mem_cap_gb": args.mem_cap_gb, "steps_run": args.steps,
+                           "steps_projected": int(widths["sampling"]["sample_steps"]),
+                           "decode_chunk": base["decode_chunk"], "decode_sample_chunks": args.decode_sample_chunks,
+                           "train_frames": TRAIN_FRAMES, "device": args.device, "timeout_s": args.timeout_s},
+              "cases": rows}
+    write_report(out, report)
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}", flush=True)
+    return 0
+
+
+def _key(case: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": case["kind"], "latent": case["latent"], "size": case["size"], "frames": case["frames"]}
+
+
+def _print_row(row: dict[str, Any], cap_gb: float) -> None:
+    what = f"{row['kind']:8s} {row['latent']:4s} {row['size']}px {row['frames']:5d} frames"
+    if row["status"] != "ok":
+        detail = f"over {cap_gb:g} GB" if row["status"] == "over" else row["status"]
+        print(f"{what}: {detail} ({row.get('error', '')})", flush=True)
+    elif row["kind"] == "train":
+        t = row["train"]
+        print(f"{what}: {t['step_s']:.2f} s/step, peak {t['peak_rss_gb']:.2f} GB", flush=True)
+    else:
+        d, c = row["denoise"], row["decode"]
+        print(f"{what}: denoise {d['per_step_s']:.2f} s/step peak {d['peak_rss_gb']:.2f} GB, "
+              f"decode {c['projected_s']:.1f} s (extrapolated) peak {c['peak_rss_gb']:.2f} GB", flush=True)
+
+
+# ================================================================ report
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def _failed(row: dict[str, Any], cap_gb: float) -> str:
+    if row["status"] == "over":
+        return f"over {cap_gb:g} GB"
+    return "timeout" if row["status"] == "timeout" else "error"
+
+
+def generation_totals(row: dict[str, Any], steps_projected: int) -> tuple[float, float]:
+    """(projected generation seconds, peak GB) of an ok generate row."""
+    d, c = row["denoise"], row["decode"]
+    return d["per_step_s"] * steps_projected + c["projected_s"], max(d["peak_rss_gb"], c["peak_rss_gb"])
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """report.json (everything), report.md (tables + method), report.png (memory and time vs frames)."""
+    settings, cap = report["settings"], report["settings"]["mem_cap_gb"]
+    steps = settings["steps_projected"]
+    for row in report["cases"]:
+        if row["kind"] == "generate" and row["status"] == "ok":
+            total_s, peak = generation_totals(row, steps)
+            row["generation"] = {"projected_s": total_s, "peak_rss_gb": peak,
+                                 "peak_gpu_gb": max(filter(None, [row["denoise"]["peak_gpu_gb"],
+                                                                  row["decode"]["peak_gpu_gb"]]), default=None)}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    built = next((r for r in report["cases"] if "torch" in r), {})
+    gpu = any(r.get("device", "").startswith("cuda") for r in report["cases"])
+    lines = [
+        "# Generation benchmark: MDCF latent (4 x H/32) vs DAWN-style FDE latent (3 x H/4)", "",
+        f"Reproduce: `{report['command']}`", "",
+        f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, Python "
+        f"{report['machine']['python']}, torch {built.get('torch', '?')}, device {built.get('device', '?')}, "
+        f"{built.get('threads', '?')} torch threads. Widths: {report['config_dir']} "
+        "(denoiser from diffusion.yaml, FDE from phase1_fde.yaml, LMAE from phase2_lmae.yaml; random weights).", "",
+        "Method: every case runs in its own process under a memory cap of "
+        f"{cap:g} GB (RLIMIT_AS on the CPU and an RSS watchdog); a case that passes it is reported as "
+        f"\"over {cap:g} GB\" and longer clips of that setting are skipped. "
+        f"**Denoising** runs the whole clip through {settings['steps_run']} DDIM step(s) (guidance scales 1: one "
+        f"denoiser forward per step); the column \"x{steps}\" is the measured time per step **scaled to "
+        f"{steps} steps**. **Decoding** times the first {settings['decode_sample_chunks']} chunk(s) of "
+        f"{settings['decode_chunk']} frames (LMAE + FDE decode and uint8 conversion, no H.264 encoding) and "
+        "**extrapolates** to the clip length. Generation = both. Peaks are the process RSS high-water mark "
+        "per phase (VmHWM reset between phases), so they include the Python + torch runtime "
+        f"(~{_gb(built.get('runtime_rss_gb'))} GB) and the weights.", "",
+        "| latent | size | frames | latent c x n x h x w | ratio | denoise s/step | denoise x"
+        f"{steps} s | decode s (extrap.) | generation s | peak denoise GB | peak decode GB | peak generation GB |"
+        + (" peak GPU GB |" if gpu else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+    ]
+    for row in (r for r in report["cases"] if r["kind"] == "generate"):
+        shape = " x ".join(map(str, row["latent_shape"])) if "latent_shape" in row else "-"
+        ratio = f"{row['compression']:.0f}x" if "compression" in row else "-"
+        head = f"| {row['latent']} | {row['size']} | {row['frames']} | {shape} | {ratio} |"
+        if row["status"] != "ok":
+            lines.append(head + f" {_failed(row, cap)} |" + " - |" * (7 + gpu))
+            continue
+        d, c, g = row["denoise"], row["decode"], row["generation"]
+        lines.append(head + f" {_secs(d['per_step_s'])} | {_secs(d['per_step_s'] * steps)} | "
+                     f"{_secs(c['projected_s'])} | {_secs(g['projected_s'])} | {_gb(d['peak_rss_gb'])} | "
+                     f"{_gb(c['peak_rss_gb'])} | {_gb(g['peak_rss_gb'])} |" + (f" {_gb(g['peak_gpu_gb'])} |" if gpu else ""))
+    lines += ["", f"## Training step (batch 1, {settings['train_frames']}-frame clip: frozen codec encodes it, "
+              "denoiser forward + backward + AdamW step; time of the last step)", "",
+              "| latent | size | denoiser params | peak GB | s/step | frames/s |" + (" peak GPU GB |" if gpu else ""),
+              "|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+    for row in (r for r in report["cases"] if r["kind"] == "train"):
+        params = f"{row['denoiser_params'] / 1e6:.1f} M" if "denoiser_params" in row else "-"
+        head = f"| {row['latent']} | {row['size']} | {params} |"
+        if row["status"] != "ok":
+            lines.append(head + f" {_failed(row, cap)} | - | - |" + (" - |" if gpu else ""))
+            continue
+        t = row["train"]
+        lines.append(head + f" {_gb(t['peak_rss_gb'])} | {_secs(t['step_s'])} | {t['frames_per_s']:.3g} |"
+                     + (f" {_gb(t['peak_gpu_gb'])} |" if gpu else ""))
+    errors = [r for r in report["cases"] if r["status"] == "error"]
+    if errors:
+        lines += ["", "Errors:", *[f"- {r['kind']} {r['latent']} {r['size']}px {r['frames']}: {r.get('error')}"
+                                   for r in errors]]
+    lines += ["", "![memory and time against frames](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plot(out / "report.png", report)
+
+
+def plot(path: Path, report: dict[str, Any]) -> None:
+    """Peak memory and projected generation time against frames, one line per (latent, size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cap = report["settings"]["mem_cap_gb"]
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = [r for r in report["cases"] if r["kind"] == "generate"]
+    sizes = sorted({r["size"] for r in rows})
+    for latent, size in sorted({(r["latent"], r["size"]) for r in rows}, key=lambda k: (k[0] != "mdcf", k[1])):
+        group = sorted((r for r in rows if r["latent"] == latent and r["size"] == size), key=lambda r: r["frames"])
+        ok = [r for r in group if r["status"] == "ok"]
+        # colour = latent, line style = size: the two latents stay easy to tell apart
+        style = {"marker": "o", "color": "tab:blue" if latent == "mdcf" else "tab:red",
+                 "linestyle": ["-", "--", ":", "-."][sizes.index(size) % 4], "label": f"{latent} {size}px"}
+        ax_mem.plot([r["frames"] for r in ok], [r["generation"]["peak_rss_gb"] for r in ok], **style)
+        ax_time.plot([r["frames"] for r in ok], [r["generation"]["projected_s"] for r in ok], **style)
+        over = [r["frames"] for r in group if r["status"] == "over"]
+        if over:
+            ax_mem.scatter(over, [cap] * len(over), marker="x", s=60, color=style["color"])
+    ax_mem.axhline(cap, color="grey", linewidth=0.8, linestyle=":", label=f"cap {cap:g} GB (x: over)")
+    steps = report["settings"]["steps_projected"]
+    ax_mem.set(xlabel="frames", ylabel="peak process memory (GB)", title="memory of generation", yscale="log")
+    ax_time.set(xlabel="frames", ylabel=f"seconds ({steps} steps projected, decode extrapolated)",
+                title="time of generation", yscale="log")
+    for ax in (ax_mem, ax_time):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,241 @@
+"""User inputs for generation: a portrait image and a speech track.
+
+Both loaders fail with a one-line ValueError naming the file, so the CLI can
+print `error: ...` and exit 2 instead of a traceback.
+
+Portraits are framed the way the training data is: the synthetic data set
+(data/synth.py) crops the astronaut photo so the face box is about 0.41 of the
+frame width, centred a fifth of a face width below the box centre. A
+face-centred crop with the same geometry keeps inference inside the training
+distribution; without a detector we fall back to a centre crop and say so.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ASTRONAUT = "astronaut"
+
+# Training framing (see data/synth.py `_astronaut`): face width / crop side in
+# [0.36, 0.46], crop centre ~0.2 face widths below the Haar box centre.
+FACE_FRACTION = 0.41
+FACE_CENTRE_SHIFT = 0.2
+DETECT_MAX_SIDE = 640  # detect on a downscaled copy: Haar cost grows with pixels
+
+DEFAULT_MAX_SECONDS = 120.0
+SILENCE_DBFS = -60.0  # whole-clip RMS below this is treated as silence
+SAMPLE_RATE = 16000
+
+LogFn = Callable[[str], None]
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    """First non-empty line of `text`, shortened: CLI errors stay one line."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    first = lines[0] if lines else "unknown error"
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- portraits
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a portrait -> uint8 `[H, W, 3]` RGB.
+
+    `path` is a PNG/JPEG/WebP/BMP file or "astronaut" (scikit-image's bundled
+    photo). Transparency is composited on white, grayscale and 16-bit images
+    become RGB, and EXIF rotation is applied (phone photos).
+    """
+    if str(path) == ASTRONAUT:
+        from skimage.data import astronaut
+
+        return np.ascontiguousarray(astronaut(), dtype=np.uint8)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image not found: {path}")
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"image {path} has an unsupported type {path.suffix!r}; use {', '.join(IMAGE_SUFFIXES)}")
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+        raise ValueError(f"cannot read image {path} ({_one_line(str(err) or type(err).__name__)})") from err
+
+
+def _to_rgb(img: "Image.Image") -> np.ndarray:  # noqa: F821 (PIL imported lazily)
+    """PIL image of any mode -> uint8 `[H, W, 3]`."""
+    from PIL import Image
+
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def detect_face(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Largest frontal face `(x, y, w, h)` in pixels of `rgb`, or None.
+
+    Raises RuntimeError when OpenCV or its Haar cascade is unavailable (the
+    caller falls back to a centre crop and reports why).
+    """
+    import cv2
+
+    cascade_path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+    cascade = cv2.CascadeClassifier(str(cascade_path))
+    if cascade.empty():
+        raise RuntimeError(f"Haar cascade not found at {cascade_path}")
+    h, w = rgb.shape[:2]
+    scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
+    small = rgb if scale == 1.0 else cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                                interpolation=cv2.INTER_AREA)
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    min_face = max(20, min(gray.shape) // 10)
+    if min(gray.shape) < min_face:
+        return None
+    faces = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
+    if len(faces) == 0:
+        return None
+    x, y, fw, fh = max(faces, key=lambda f: int(f[2]) * int(f[3]))
+    return (round(x / scale), round(y / scale), round(fw / scale), round(fh / scale))
+
+
+def square_box(shape: tuple[int, ...], face: tuple[int, int, int, int] | None) -> tuple[int, int, int]:
+    """Square crop `(x0, y0, side)` inside an image of `shape` `[H, W, ...]`.
+
+    With a face box the crop follows the training framing (FACE_FRACTION,
+    FACE_CENTRE_SHIFT), shrunk to fit the image and shifted inside it rather
+    than padded (padding would show borders the model never saw).
+    """
+    h, w = shape[:2]
+    if face is None:
+        side = min(h, w)
+        return (w - side) // 2, (h - side) // 2, side
+    x, y, fw, fh = face
+    side = min(h, w, max(1, round(fw / FACE_FRACTION)))
+    cx, cy = x + fw / 2.0, y + fh / 2.0 + FACE_CENTRE_SHIFT * fw
+    x0 = int(np.clip(round(cx - side / 2.0), 0, w - side))
+    y0 = int(np.clip(round(cy - side / 2.0), 0, h - side))
+    return x0, y0, side
+
+
+def crop_portrait(rgb: np.ndarray, size: int, face_crop: bool = True) -> tuple[np.ndarray, str]:
+    """Square-crop and resize a portrait -> (uint8 `[size, size, 3]`, how it was cropped)."""
+    import cv2
+
+    face: tuple[int, int, int, int] | None = None
+    if face_crop:
+        try:
+            face = detect_face(rgb)
+            how = f"face-centred crop (face box {face})" if face else "centre crop (no face detected)"
+        except (ImportError, RuntimeError, AttributeError) as err:  # no OpenCV / cascade
+            how = f"centre crop (face detector unavailable: {_one_line(str(err))})"
+    else:
+        how = "centre crop (face crop disabled)"
+    x0, y0, side = square_box(rgb.shape, face)
+    square = rgb[y0:y0 + side, x0:x0 + side]
+    # INTER_AREA averages when shrinking (no aliasing); cubic when enlarging.
+    interp = cv2.INTER_AREA if side >= size else cv2.INTER_CUBIC
+    out = cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=interp)
+    h, w = rgb.shape[:2]
+    return np.ascontiguousarray(out, dtype=np.uint8), f"{how}: {side}x{side} at ({x0}, {y0}) of {w}x{h} -> {size}x{size}"
+
+
+def load_portrait(path: str | Path, size: int, face_crop: bool = True, log: LogFn | None = print) -> "torch.Tensor":  # noqa: F821
+    """Portrait file (or "astronaut") -> float tensor `3 size size` in [0, 1].
+
+    Face-centred square crop when OpenCV finds a face, centre crop otherwise;
+    `log` receives one line saying which.
+    """
+    import torch
+
+    if size < 1:
+        raise ValueError(f"portrait size must be positive, got {size}")
+    square, how = crop_portrait(read_image(path), size, face_crop)
+    if log is not None:
+        log(f"portrait {path}: {how}")
+    return torch.from_numpy(square).permute(2, 0, 1).float().div_(255.0)
+
+
+# ---------------------------------------------------------------- speech
+
+
+def rms_dbfs(wave: np.ndarray) -> float:
+    """Whole-clip RMS level in dBFS (-inf for digital silence)."""
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64)))) if wave.size else 0.0
+    return 20.0 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def load_speech(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS,
+                silence_dbfs: float = SILENCE_DBFS) -> np.ndarray:
+    """Speech from any file ffmpeg reads (wav, mp3, the audio of a video...) ->
+    float32 `[samples]` mono at 16 kHz.
+
+    Raises a one-line ValueError for a missing or unreadable file, no audio,
+    silence (RMS below `silence_dbfs`) or more than `max_seconds` seconds
+    (the whole clip is denoised at once, so length bounds memory).
+    """
+    from microscope_pl.data.audio import load_audio
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"audio not found: {path}")
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    try:
+        wave = np.asarray(load_audio(path, SAMPLE_RATE), dtype=np.float32).reshape(-1)
+    except (ValueError, RuntimeError, OSError) as err:
+        text = _one_line(str(err))
+        raise ValueError(text if str(path) in text else f"cannot read audio {path} ({text})") from err
+    if wave.size == 0:
+        raise ValueError(f"audio {path} is empty")
+    level = rms_dbfs(wave)
+    if level < silence_dbfs:
+        shown = "-inf" if math.isinf(level) else f"{level:.1f}"
+        raise ValueError(f"audio {path} is silent (RMS {shown} dBFS, below {silence_dbfs:g} dBFS)")
+    seconds = wave.size / SAMPLE_RATE
+    if seconds > max_seconds:
+        raise ValueError(f"audio {path} is {seconds:.1f} s long, more than --max-seconds {max_seconds:g}; "
+                         "trim it or raise --max-seconds (memory grows with length)")
+    return wave
+
+
+def speak(text: str, out: str | Path, voice: str = "en-us", speed: int = 155) -> Path:
+    """Say `text` with espeak-ng -> 16 kHz mono PCM16 wav at `out`.
+
+    Raises ValueError when espeak-ng is not installed (apt-get install espeak-ng).
+    """
+    from microscope_pl.data.audio import load_audio, write_wav
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise ValueError("espeak-ng is not installed (apt-get install espeak-ng); pass an audio file instead")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "speech.wav"  # espeak-ng writes 22.05 kHz; resample through ffmpeg
+        proc = subprocess.run([exe, "-v", voice, "-s", str(speed), "-w", str(raw), text],
+                              capture_output=True, check=False)
+        if proc.returncode != 0 or not raw.is_file():
+            raise ValueError(f"espeak-ng failed ({_one_line(proc.stderr.decode('utf-8', 'replace') or 'no output')})")
+        wave = load_audio(raw, SAMPLE_RATE)
+    peak = float(np.abs(wave).max(initial=0.0))
+    write_wav(out, wave * (0.7 / peak) if peak > 0 else wave, SAMPLE_RATE)
+    return out

@@ -1,0 +1,239 @@
+"""Convolutional building blocks and grid helpers shared by the FDE (stage 1).
+
+Everything here is a plain ``nn.Module`` or a pure function; nothing imports
+Lightning. Shapes use einops letters: b batch, c channels, k regions,
+h/w height/width.
+
+Grid convention (docs/interfaces.md): a sampling grid is an absolute
+coordinate map ``b 2 h w`` in [-1, 1], channel 0 is x (width), channel 1 is y
+(height), used with ``F.grid_sample(align_corners=False)``. With
+``align_corners=False`` the value -1 is the *outer edge* of the first pixel,
+so pixel ``i`` of an ``n``-pixel axis has its centre at ``(2 i + 1) / n - 1``.
+Every resize and warp in this package uses that convention; mixing it with
+``align_corners=True`` would shift images by half a pixel per resize.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "make_norm",
+    "ConvBlock",
+    "DownBlock",
+    "UpBlock",
+    "ResBlock",
+    "Hourglass",
+    "identity_grid",
+    "resize_grid",
+    "resize_map",
+    "antialias_resize",
+    "warp",
+]
+
+
+# --------------------------------------------------------------------------
+# normalisation
+# --------------------------------------------------------------------------
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Return a 2-D normalisation layer for ``channels`` channels.
+
+    ``"group"`` (default of the FDE) uses GroupNorm with at most 32 groups and
+    at least 4 channels per group: the hourglass bottleneck can be 1 x 1, and
+    a group of a single channel at 1 x 1 would normalise every value to zero.
+    GroupNorm is batch-size independent and needs no DDP synchronisation.
+    ``"batch"`` uses BatchNorm2d as the MRAA/LFDM baseline does.
+    """
+    if kind == "group":
+        groups = max(1, min(32, channels // 4))
+        while channels % groups:
+            groups -= 1
+        return nn.GroupNorm(groups, channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"norm must be 'group' or 'batch', got {kind!r}")
+
+
+# --------------------------------------------------------------------------
+# conv blocks (MRAA/LFDM layout: conv -> norm -> ReLU)
+# --------------------------------------------------------------------------
+
+
+class ConvBlock(nn.Module):
+    """``conv(k x k) -> norm -> ReLU`` at constant resolution: ``b c h w -> b c' h w``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 norm: str = "group") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.norm = make_norm(norm, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.norm(self.conv(x)))
+
+
+class DownBlock(nn.Module):
+    """``conv3x3 -> norm -> ReLU -> avgpool 2``: ``b c h w -> b c' h/2 w/2``."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group") -> None:
+        super().__init__()
+        self.block = ConvBlock(in_channels, out_channels, 3, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(self.block(x), 2)
+
+
+class UpBlock(nn.Module):
+    """Nearest upsampling to ``size`` then ``conv3x3 -> norm -> ReLU``.
+
+    The target size is passed explicitly (the matching skip's size) so odd
+    sizes survive the down/up round trip: ``b c h w -> b c' H W``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group") -> None:
+        super().__init__()
+        self.block = ConvBlock(in_channels, out_channels, 3, norm)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        return self.block(F.interpolate(x, size=size, mode="nearest"))
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block ``x + conv(relu(norm(conv(relu(norm(x))))))``."""
+
+    def __init__(self, channels: int, norm: str = "group") -> None:
+        super().__init__()
+        self.norm1 = make_norm(norm, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = make_norm(norm, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.relu(self.norm1(x)))
+        return x + self.conv2(F.relu(self.norm2(h)))
+
+
+class Hourglass(nn.Module):
+    """U-Net style hourglass used by the region and pixelwise flow predictors.
+
+    ``num_blocks`` down blocks with channels ``min(max_features, e * 2**(i+1))``
+    (e = ``block_expansion``), then mirrored up blocks, each followed by a
+    concatenation with the encoder feature of the same resolution. The output
+    is ``b (e + c_in) h w``: the last concatenation appends the input itself,
+    so the heads see the raw input next to the decoded context (MRAA layout).
+    """
+
+    def __init__(self, in_channels: int, block_expansion: int, max_features: int,
+                 num_blocks: int, norm: str = "group") -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"hourglass num_blocks must be >= 1, got {num_blocks}")
+        # channels of the encoder outputs at levels 0 (the input) .. num_blocks
+        enc = [in_channels] + [min(max_features, block_expansion * 2 ** (i + 1))
+                               for i in range(num_blocks)]
+        self.down = nn.ModuleList(DownBlock(enc[i], enc[i + 1], norm) for i in range(num_blocks))
+        up: list[UpBlock] = []
+        cur = enc[-1]
+        for i in reversed(range(num_blocks)):
+            out = min(max_features, block_expansion * 2 ** i)
+            up.append(UpBlock(cur, out, norm))
+            cur = out + enc[i]
+        self.up = nn.ModuleList(up)
+        self.out_channels = cur
+        self.num_blocks = num_blocks
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``b c h w -> b (e + c) h w``; needs ``min(h, w) >= 2**num_blocks``."""
+        if min(x.shape[-2:]) < 2 ** self.num_blocks:
+            raise ValueError(
+                f"hourglass input {tuple(x.shape[-2:])} is too small for "
+                f"num_blocks={self.num_blocks} (needs >= {2 ** self.num_blocks} pixels); "
+                "use fewer motion blocks or a larger motion_scale")
+        skips = [x]
+        for block in self.down:
+            skips.append(block(skips[-1]))
+        out = skips.pop()
+        for block in self.up:
+            skip = skips.pop()
+            out = torch.cat([block(out, skip.shape[-2:]), skip], dim=1)
+        return out
+
+
+# --------------------------------------------------------------------------
+# grids, resizing and warping (the A(., f) operator of paper eq. 5)
+# --------------------------------------------------------------------------
+
+
+def identity_grid(b: int, h: int, w: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> Tensor:
+    """Identity sampling grid ``b 2 h w`` (x then y) at pixel centres.
+
+    ``F.grid_sample(x, identity_grid(...).permute(0, 2, 3, 1), align_corners=False)``
+    returns ``x`` exactly.
+    """
+    ys = (torch.arange(h, device=device, dtype=dtype or torch.float32) * 2 + 1) / h - 1
+    xs = (torch.arange(w, device=device, dtype=dtype or torch.float32) * 2 + 1) / w - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=0).unsqueeze(0).expand(b, 2, h, w)
+
+
+def antialias_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize ``b c h w -> b c H W``; anti-aliased when shrinking.
+
+    Bilinear with ``antialias=True`` widens the filter to the scale factor
+    when downsampling, so fine textures do not alias into the coarse image
+    (the role of MRAA's Gaussian ``AntiAliasInterpolation2d``).
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def resize_map(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a dense map (occlusion, features) ``b c h w -> b c H W``."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if size[0] <= x.shape[-2] and size[1] <= x.shape[-1]:
+        return F.interpolate(x, size=size, mode="area")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_grid(grid: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize an absolute grid ``b 2 h w -> b 2 H W``.
+
+    The *displacement* from the identity grid is resized and the identity of
+    the target size added back: resizing the absolute coordinates directly
+    would bend the border (bilinear upsampling clamps at the edge, so the
+    outermost pixel centres would move). Identity maps to identity exactly.
+    """
+    if tuple(grid.shape[-2:]) == tuple(size):
+        return grid
+    b, _, h, w = grid.shape
+    disp = grid - identity_grid(b, h, w, grid.device, grid.dtype)
+    disp = resize_map(disp, size)
+    return disp + identity_grid(b, size[0], size[1], grid.device, grid.dtype)
+
+
+def warp(x: Tensor, grid: Tensor, padding_mode: str = "border") -> Tensor:
+    """Backward-warp ``x: b c h w`` with an absolute grid ``b 2 h' w'``.
+
+    The grid is resized to the feature size first (``resize_grid``), so one
+    grid warps every level of a feature pyramid. Border padding repeats the
+    edge instead of pulling in zeros; it also makes coordinates outside
+    [-1, 1] equivalent to the clamped ones, which is why the FDE can clamp
+    its flow to [-1, 1] without changing the warp. Returns ``b c h w``.
+    """
+    grid = resize_grid(grid, x.shape[-2:])
+    if x.dtype in (torch.float16, torch.bfloat16) or grid.dtype in (torch.float16, torch.bfloat16):
+        # sample positions in half precision are off by up to half a pixel at
+        # 256 px (bf16 keeps 8 mantissa bits): sample in float32, cast back
+        out = F.grid_sample(x.float(), grid.float().permute(0, 2, 3, 1), mode="bilinear",
+                            padding_mode=padding_mode, align_corners=False)
+        return out.to(x.dtype)
+    return F.grid_sample(x, grid.to(x.dtype).permute(0, 2, 3, 1), mode="bilinear",
+                         padding_mode=padding_mode, align_corners=False)

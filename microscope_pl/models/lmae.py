@@ -1,0 +1,385 @@
+"""Latent motion auto-encoder (LMAE), stage 2 of MICROSCOPE's MDCF.
+
+The LMAE compresses the FDE dynamics ``[f; m]`` (``b 3 h w`` at H/4: an
+absolute ``grid_sample`` grid in [-1, 1] and an occlusion map in [0, 1]) into a
+KL-regularised latent ``z`` (``b 4 h/8 w/8``, i.e. H/32 overall). At
+256 x 256 this is the paper's 768x compression (section 4.1).
+
+The same class, with ``output="image"``, is the single-stage pixel VAE of the
+ablation "VAE d/32" (Table 5): ``LMAE(in_channels=3, num_down=5,
+output="image")`` applied to frames in [0, 1].
+
+Shapes use einops letters: b batch, c channels, h/w height/width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["LMAE", "identity_grid"]
+
+# Posterior log-variance range, as in latent-diffusion's DiagonalGaussian:
+# exp(-30) is numerically zero variance, exp(20) is far beyond anything the
+# KL term lets survive; clamping only guards against inf/nan early on.
+LOGVAR_MIN = -30.0
+LOGVAR_MAX = 20.0
+
+
+def identity_grid(h: int, w: int, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """The "no motion" sampling grid for ``grid_sample(align_corners=False)``.
+
+    Returns:
+        ``1 2 h w`` with channel 0 = x and channel 1 = y, pixel centres at
+        ``(2 i + 1) / size - 1``, so every value lies strictly inside (-1, 1).
+    """
+    xs = (torch.arange(w, device=device, dtype=torch.float32) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=device, dtype=torch.float32) * 2 + 1) / h - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=0).unsqueeze(0).to(dtype)
+
+
+# --------------------------------------------------------------------------
+# Building blocks (GroupNorm everywhere: DDP-safe, batch-size independent)
+# --------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: (GN, SiLU, conv3) x 2 plus a skip.
+
+    ``b cin h w -> b cout h w``; the skip is a 1x1 conv when widths differ.
+    """
+
+    def __init__(self, cin: int, cout: int, groups: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head spatial self-attention with a residual: ``b c h w -> b c h w``.
+
+    Used once at the lowest resolution (8 x 8 tokens at 256 px), where it is
+    cheap and gives every latent position a view of the whole face.
+    """
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv: ``b c h w -> b c h/2 w/2`` (learned, unlike pooling)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x then 3x3 conv: ``b c h w -> b c 2h 2w`` (no checkerboard)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid_block(channels: int, groups: int, dropout: float, attention: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [ResBlock(channels, channels, groups, dropout)]
+    if attention:
+        layers.append(SelfAttention2d(channels, groups))
+    layers.append(ResBlock(channels, channels, groups, dropout))
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------
+# LMAE
+# --------------------------------------------------------------------------
+
+
+class LMAE(nn.Module):
+    """KL auto-encoder over the FDE dynamics ``[f; m]`` (paper section 3.1).
+
+    Encoder ``E_LE``: conv in, ``num_down`` levels of res blocks each followed by
+    a stride-2 downsample, a last level of res blocks, a mid block (res,
+    optional self-attention, res), then GN/SiLU/conv to ``2 * latent_channels``
+    = (mu, logvar). The decoder ``LD`` mirrors it with nearest upsampling.
+
+    Input / output parameterisation (``output="dynamics"``):
+
+    - The encoder sees ``[f - id; 2 m - 1]``: subtracting the identity grid
+      removes the coordinate ramp, which carries no information, and leaves a
+      near-zero-mean offset field; the occlusion is centred the same way.
+    - The decoder emits ``o`` (3 channels) and the grid is
+      ``tanh(atanh(id) + o[:2])`` (``grid_mode="residual"``). This is an
+      identity-plus-offset parameterisation taken in tanh space: the grid is
+      strictly inside (-1, 1) with no clamp (clamping kills gradients at the
+      border), and ``o = 0`` is exactly "no motion". The final conv is zero
+      initialised, so training starts from the identity warp. Reproducing the
+      absolute grid (``grid_mode="absolute"``: ``tanh(o[:2])``) instead makes
+      a translation-equivariant conv stack synthesise a position ramp from
+      padding effects alone, which reconstructs measurably worse (see the
+      report in tests/test_lmae.py).
+    - Occlusion: ``sigmoid(o[2])``.
+
+    With ``output="image"`` the encoder sees ``2 x - 1`` and every output
+    channel goes through a sigmoid, so the class doubles as a pixel VAE.
+
+    Decoded tensors are returned in float32 (the tanh/atanh pair is too coarse
+    in bf16 near the borders).
+
+    Args:
+        in_channels: channels of the input and of the output (3 for ``[f; m]``
+            or RGB).
+        latent_channels: channels of ``z`` (4 in the paper).
+        num_down: number of 2x downsamplings (3 -> d/32 from H/4 dynamics; 2 is
+            the d/16 ablation; 5 on frames is the "VAE d/32" ablation).
+        base_channels: width of the first level.
+        channel_mult: per-level width multipliers, ``num_down + 1`` entries;
+            ``None`` means ``min(2**i, 4)``, i.e. ``(1, 2, 4, 4)`` for three
+            downsamplings.
+        num_res_blocks: res blocks per level (encoder and decoder alike).
+        norm_groups: GroupNorm groups; must divide every level width.
+        mid_attention: add one self-attention layer at the lowest resolution
+            in the encoder and decoder mid blocks.
+        dropout: dropout inside res blocks.
+        output: ``"dynamics"`` (grid + occlusion, see above) or ``"image"``.
+        grid_mode: ``"residual"`` (identity + offset in tanh space) or
+            ``"absolute"`` (tanh of the predicted grid); dynamics only.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 4,
+        num_down: int = 3,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] | None = None,
+        num_res_blocks: int = 1,
+        norm_groups: int = 32,
+        mid_attention: bool = True,
+        dropout: float = 0.0,
+        output: Literal["dynamics", "image"] = "dynamics",
+        grid_mode: Literal["residual", "absolute"] = "residual",
+    ) -> None:
+        super().__init__()
+        if output not in ("dynamics", "image"):
+            raise ValueError(f"output must be 'dynamics' or 'image', got {output!r}")
+        if grid_mode not in ("residual", "absolute"):
+            raise ValueError(f"grid_mode must be 'residual' or 'absolute', got {grid_mode!r}")
+        if output == "dynamics" and in_channels != 3:
+            raise ValueError(f"output='dynamics' needs in_channels=3 ([f; m]), got in_channels={in_channels}")
+        if num_down < 0 or latent_channels < 1 or base_channels < 1 or num_res_blocks < 0:
+            raise ValueError(
+                f"need num_down >= 0, latent_channels >= 1, base_channels >= 1, num_res_blocks >= 0; got "
+                f"num_down={num_down}, latent_channels={latent_channels}, base_channels={base_channels}, "
+                f"num_res_blocks={num_res_blocks}"
+            )
+        mult = tuple(channel_mult) if channel_mult is not None else tuple(min(2**i, 4) for i in range(num_down + 1))
+        if len(mult) != num_down + 1:
+            raise ValueError(f"channel_mult has {len(mult)} entries {mult}, num_down={num_down} needs {num_down + 1}")
+        widths = [base_channels * m for m in mult]
+        for wdt in widths:
+            if wdt % norm_groups != 0:
+                raise ValueError(f"norm_groups={norm_groups} does not divide level width {wdt} (widths {widths})")
+
+        self.in_channels = in_channels
+        self.latent_channels = latent_channels
+        self.num_down = num_down
+        self.output = output
+        self.grid_mode = grid_mode
+        g = norm_groups
+
+        # ---- encoder E_LE: b c h w -> b 2*latent h/2^k w/2^k -------------
+        self.enc_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        enc: list[nn.Module] = []
+        prev = widths[0]
+        for i, wdt in enumerate(widths):
+            for _ in range(num_res_blocks):
+                enc.append(ResBlock(prev, wdt, g, dropout))
+                prev = wdt
+            if i < num_down:
+                enc.append(Downsample(prev))
+        self.enc_blocks = nn.Sequential(*enc)
+        self.enc_mid = _mid_block(prev, g, dropout, mid_attention)
+        self.enc_out = nn.Sequential(
+            nn.GroupNorm(g, prev, eps=1e-6), nn.SiLU(), nn.Conv2d(prev, 2 * latent_channels, 3, padding=1)
+        )
+
+        # ---- decoder LD: b latent h/2^k w/2^k -> b c h w -----------------
+        self.dec_in = nn.Conv2d(latent_channels, widths[-1], 3, padding=1)
+        self.dec_mid = _mid_block(widths[-1], g, dropout, mid_attention)
+        dec: list[nn.Module] = []
+        prev = widths[-1]
+        for i in reversed(range(num_down + 1)):
+            for _ in range(num_res_blocks):
+                dec.append(ResBlock(prev, widths[i], g, dropout))
+                prev = widths[i]
+            if i > 0:
+                dec.append(Upsample(prev))
+        self.dec_blocks = nn.Sequential(*dec)
+        self.dec_out = nn.Sequential(nn.GroupNorm(g, prev, eps=1e-6), nn.SiLU(), nn.Conv2d(prev, in_channels, 3, padding=1))
+        # Zero init: the untrained decoder emits the identity grid and m = 0.5
+        # (or a grey image), a sane starting point instead of random warps.
+        nn.init.zeros_(self.dec_out[-1].weight)
+        nn.init.zeros_(self.dec_out[-1].bias)
+
+    # ------------------------------------------------------------------ shapes
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction of the LMAE alone (8 for ``num_down=3``)."""
+        return 2**self.num_down
+
+    def latent_shape(self, h: int, w: int) -> tuple[int, int, int]:
+        """Latent ``(c, h', w')`` for an input of spatial size ``h x w``."""
+        self._check_size(h, w)
+        f = self.downsample_factor
+        return (self.latent_channels, h // f, w // f)
+
+    @staticmethod
+    def compression_ratio(image_shape: Sequence[int], latent_shape: Sequence[int]) -> float:
+        """Compression ratio computed from shapes, never from constants.
+
+        ``prod(image_shape) / prod(latent_shape)``. A 2-entry ``image_shape``
+        ``(h, w)`` means an RGB image (3 channels); a 4-entry shape in either
+        argument is treated as batched and its leading dimension dropped.
+        At 256 x 256 RGB with a ``4 x 8 x 8`` latent this is 768 (paper's
+        ``C_MDCF``); with ``4 x 16 x 16`` (d/16) it is 192.
+
+        Args:
+            image_shape: ``(c, h, w)``, ``(h, w)`` or ``(b, c, h, w)``.
+            latent_shape: ``(c, h, w)`` or ``(b, c, h, w)``.
+        """
+        img = tuple(int(s) for s in image_shape)
+        lat = tuple(int(s) for s in latent_shape)
+        if len(img) == 4:
+            img = img[1:]
+        if len(lat) == 4:
+            lat = lat[1:]
+        if len(img) == 2:
+            img = (3, *img)
+        if len(img) != 3 or len(lat) != 3:
+            raise ValueError(f"expected (c, h, w) shapes, got image_shape={image_shape} latent_shape={latent_shape}")
+        return float(math.prod(img)) / float(math.prod(lat))
+
+    def _check_size(self, h: int, w: int) -> None:
+        f = self.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"input size {h}x{w} is not divisible by the LMAE factor {f} (num_down={self.num_down})")
+
+    # ------------------------------------------------------------ eq. 4 / 8
+
+    def encode(self, dyn: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior parameters of ``q(z | [f; m])``.
+
+        Args:
+            dyn: ``b 3 h w`` dynamics (grid in [-1, 1], occlusion in [0, 1]), or
+                ``b c h w`` images in [0, 1] for ``output="image"``.
+
+        Returns:
+            ``(mu, logvar)``, each ``b latent h/2^k w/2^k``; logvar clamped to
+            [-30, 20].
+        """
+        if dyn.ndim != 4 or dyn.shape[1] != self.in_channels:
+            raise ValueError(f"expected b {self.in_channels} h w input, got shape {tuple(dyn.shape)}")
+        self._check_size(dyn.shape[-2], dyn.shape[-1])
+        h = self.enc_out(self.enc_mid(self.enc_blocks(self.enc_in(self._to_input(dyn)))))
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    @staticmethod
+    def sample(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Reparameterised draw, paper eq. 4: ``z = mu + exp(0.5 logvar) * eps``.
+
+        ``eps`` is drawn on the generator's device (so a CPU generator gives
+        the same ``z`` on any accelerator) and moved to ``mu``'s device.
+
+        Args:
+            mu, logvar: ``b c h w`` each.
+            generator: optional ``torch.Generator`` for reproducible draws.
+
+        Returns:
+            ``z``: ``b c h w``.
+        """
+        dev = generator.device if generator is not None else mu.device
+        eps = torch.randn(mu.shape, generator=generator, device=dev, dtype=torch.float32)
+        eps = eps.to(device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Decoder ``LD``: ``b latent h' w' -> b c (h' 2^k) (w' 2^k)``, float32.
+
+        For ``output="dynamics"``: channels 0-1 the absolute grid in (-1, 1),
+        channel 2 the occlusion in (0, 1). For ``"image"``: all in (0, 1).
+        """
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"expected b {self.latent_channels} h w latent, got shape {tuple(z.shape)}")
+        o = self.dec_out(self.dec_blocks(self.dec_mid(self.dec_in(z)))).float()
+        return self._from_output(o)
+
+    def forward(self, dyn: Tensor, sample: bool = True,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Encode, draw ``z`` (eq. 4, or take ``mu`` when ``sample=False``), decode.
+
+        Args:
+            dyn: ``b 3 h w`` dynamics (or images, see ``encode``).
+            sample: draw ``z`` from the posterior (training) or use ``mu``
+                (deterministic reconstruction, e.g. validation).
+            generator: optional generator for the draw.
+
+        Returns:
+            ``dict(dynamics=b 3 h w, mu=b latent h' w', logvar=..., z=...)``.
+        """
+        mu, logvar = self.encode(dyn)
+        z = self.sample(mu, logvar, generator) if sample else mu
+        return {"dynamics": self.decode(z), "mu": mu, "logvar": logvar, "z": z}
+
+    # ------------------------------------------------- input/output transforms
+
+    def _to_input(self, x: Tensor) -> Tensor:
+        """``[f; m] -> [f - id; 2 m - 1]`` (dynamics) or ``x -> 2 x - 1`` (image)."""
+        if self.output == "image":
+            return x * 2 - 1
+        grid = identity_grid(x.shape[-2], x.shape[-1], x.device, x.dtype)
+        return torch.cat([x[:, :2] - grid, x[:, 2:] * 2 - 1], dim=1)
+
+    def _from_output(self, o: Tensor) -> Tensor:
+        """Map raw decoder output ``b c h w`` to bounded dynamics or an image."""
+        if self.output == "image":
+            return torch.sigmoid(o)
+        if self.grid_mode == "residual":
+            base = torch.atanh(identity_grid(o.shape[-2], o.shape[-1], o.device, o.dtype))
+            grid = torch.tanh(base + o[:, :2])
+        else:
+            grid = torch.tanh(o[:, :2])
+        return torch.cat([grid, torch.sigmoid(o[:, 2:])], dim=1)

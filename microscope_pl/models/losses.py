@@ -1,0 +1,120 @@
+"""Small parameter-free losses for the LMAE (stage 2) and PBNet.
+
+Every function here is a plain callable with no ``nn.Parameter`` and no state,
+so LightningModules can combine them with their own weights (paper eq. 9) and
+tests can compare them with formulas written out by hand.
+
+Shapes use einops letters: b batch, c channels, h/w height/width.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["kl_divergence", "dynamics_mse", "psnr"]
+
+
+# --------------------------------------------------------------------------
+# eq. 8: KL( q(z | [f; m]) || N(0, I) )
+# --------------------------------------------------------------------------
+
+
+def kl_divergence(
+    mu: Tensor,
+    logvar: Tensor,
+    reduction: Literal["mean", "batchmean"] = "mean",
+) -> Tensor:
+    """KL divergence of the diagonal Gaussian ``N(mu, exp(logvar))`` to ``N(0, I)``.
+
+    Per latent element: ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``, which is
+    zero exactly at ``mu = 0, logvar = 0`` and positive elsewhere.
+
+    Normalisation (the choice matters for the paper's ``lambda_KL = 1e-4``):
+
+    - ``"mean"`` (default): the mean over **all** elements, batch included.
+      The reconstruction terms of eq. 9 (MSE of eq. 6, VGG L1 of eq. 7) are
+      means over elements too, so with this convention ``lambda_KL`` weighs
+      the same "per element" quantity as the other two terms and does not
+      change meaning when the resolution or the latent size changes. With it,
+      ``1e-4`` is the light regulariser the paper describes (section 4.1): it
+      only stops the posterior variance from collapsing.
+    - ``"batchmean"``: the latent-diffusion (LDM) convention, the sum over
+      latent elements divided by the batch size. It equals ``"mean"`` times
+      the number of latent elements per sample (256 for 4 x 8 x 8), so the
+      same ``lambda_KL`` regularises that many times more strongly; use it
+      only together with summed reconstruction losses.
+
+    Args:
+        mu: posterior means, any shape ``b ...`` (e.g. ``b c h w`` or ``b d``).
+        logvar: posterior log-variances, the same shape as ``mu``.
+        reduction: ``"mean"`` or ``"batchmean"`` as described above.
+
+    Returns:
+        A scalar tensor.
+    """
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu shape {tuple(mu.shape)} != logvar shape {tuple(logvar.shape)}")
+    # Compute in float32: exp(logvar) overflows bf16/fp16 quickly.
+    mu32, lv32 = mu.float(), logvar.float()
+    per_element = 0.5 * (mu32.pow(2) + lv32.exp() - 1.0 - lv32)
+    if reduction == "mean":
+        return per_element.mean()
+    if reduction == "batchmean":
+        return per_element.sum() / mu.shape[0]
+    raise ValueError(f"reduction must be 'mean' or 'batchmean', got {reduction!r}")
+
+
+# --------------------------------------------------------------------------
+# eq. 6: || D_LD(z) - [f; m] ||_2^2
+# --------------------------------------------------------------------------
+
+
+def dynamics_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error between decoded and target dynamics (eq. 6).
+
+    The paper writes a squared L2 norm; we take the mean over all elements
+    (batch, the 3 channels and all positions) so the value does not depend on
+    resolution or batch size and ``lambda_MSE = 1`` stays meaningful. Grid
+    channels live in [-1, 1] and the occlusion channel in [0, 1], so they are
+    compared in their own units, as in eq. 6.
+
+    Args:
+        pred: decoded dynamics ``b 3 h w``.
+        target: dynamics from the frozen FDE ``b 3 h w``.
+
+    Returns:
+        A scalar tensor (float32).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    return (pred.float() - target.float()).pow(2).mean()
+
+
+# --------------------------------------------------------------------------
+# PSNR, a reporting metric for images in [0, 1]
+# --------------------------------------------------------------------------
+
+
+def psnr(pred: Tensor, target: Tensor, max_value: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio in dB, averaged over the batch.
+
+    PSNR is computed per image and then averaged (the usual reporting
+    convention; the PSNR of the pooled batch MSE would let one bad image
+    dominate less than it should). The per-image MSE is floored at ``1e-10``
+    so identical images give a large finite value (100 dB) instead of inf.
+
+    Args:
+        pred: images ``b c h w`` in [0, max_value] (not clamped here).
+        target: images ``b c h w`` in [0, max_value].
+        max_value: the peak value, 1.0 for images in [0, 1].
+
+    Returns:
+        A scalar tensor (float32), in dB.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    err = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
+    return (10.0 * torch.log10(max_value**2 / err)).mean()

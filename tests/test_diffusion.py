@@ -1,0 +1,180 @@
+"""Schedule, samplers (with analytic oracle denoisers) and guidance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from microscope_pl.diffusion.samplers import (
+    ddim_sample,
+    dpm_solver_pp_2m_sample,
+    guided_model_fn,
+    sampling_timesteps,
+)
+from microscope_pl.diffusion.schedule import DiffusionSchedule, cosine_betas
+
+SAMPLERS = {"ddim": (ddim_sample, 20), "dpmpp2m": (dpm_solver_pp_2m_sample, 10)}
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_cosine_betas_and_alphas_cumprod() -> None:
+    betas = cosine_betas(1000)
+    assert betas.shape == (1000,) and (betas > 0).all() and (betas <= 0.999).all()
+    abar = DiffusionSchedule(1000).alphas_cumprod64
+    assert (abar > 0).all() and (abar < 1).all()
+    assert (abar[1:] < abar[:-1]).all()
+    # Improved DDPM: a_t follows cos^2 closely away from the clipped end.
+    t = 500
+    f = lambda u: math.cos((u / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert abar[t - 1].item() == pytest.approx(f(t) / f(0), rel=1e-6)
+
+
+def test_schedule_validation() -> None:
+    with pytest.raises(ValueError, match="prediction"):
+        DiffusionSchedule(prediction="x0")  # type: ignore[arg-type]
+
+
+def test_q_sample_statistics() -> None:
+    sched = DiffusionSchedule()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000, 1), 2.0)
+    for step in (10, 500, 990):
+        t = torch.full((20000,), step)
+        xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        a = sched.alpha_bar(step)
+        assert xt.mean().item() == pytest.approx(2 * math.sqrt(a), abs=0.03)
+        assert xt.std().item() == pytest.approx(math.sqrt(1 - a), rel=0.03, abs=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_round_trip(prediction: str) -> None:
+    sched = DiffusionSchedule(prediction=prediction)  # type: ignore[arg-type]
+    x0, noise = torch.randn(2, 6, 3, 2, 1, 1, dtype=torch.float64)
+    t = torch.tensor([0, 3, 250, 500, 800, 980])
+    xt = sched.q_sample(x0, t, noise)
+    out = sched.target(x0, noise, t)
+    torch.testing.assert_close(sched.predict_x0(xt, t, out), x0)
+    torch.testing.assert_close(sched.predict_eps(xt, t, out), noise)
+
+
+def test_timestep_spacing() -> None:
+    assert sampling_timesteps(1000, 20, "leading")[:2] == [950, 900]
+    assert sampling_timesteps(1000, 20, "leading")[-1] == 0
+    assert sampling_timesteps(1000, 20, "trailing")[:2] == [999, 949]
+    assert len(sampling_timesteps(1000, 7)) == 7
+
+
+# ---------------------------------------------------------------- samplers
+
+
+def gaussian_oracle(sched: DiffusionSchedule, mu: float, s: float):
+    """Exact denoiser for data x0 ~ N(mu, s^2) (s = 0: a single point):
+    E[x0 | x_t] = mu + sqrt(a) s^2 / (a s^2 + 1 - a) (x_t - sqrt(a) mu)."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = sched.alphas_cumprod64[t].to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        x0 = mu + a.sqrt() * s**2 / (a * s**2 + 1 - a) * (x - a.sqrt() * mu)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return eps if sched.prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    return fn
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_oracle_single_point(name: str, prediction: str) -> None:
+    sampler, steps = SAMPLERS[name]
+    sched = DiffusionSchedule(prediction=prediction)  # type: ignore[arg-type]
+    target = torch.tensor([0.7, -1.3, 2.0]).view(1, 3, 1, 1, 1)
+
+    def oracle(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = sched.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        eps = (x - a.sqrt() * target) / (1 - a).sqrt()
+        return eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * target
+
+    out = sampler(oracle, (4, 3, 5, 2, 2), sched, steps=steps,
+                  generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, target.expand_as(out), atol=1e-4, rtol=1e-4)
+
+
+def _gaussian_error(sampler, steps: int, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    sched = DiffusionSchedule(prediction=prediction)  # type: ignore[arg-type]
+    mu, s = 1.5, 0.5
+    z = torch.randn(4000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sampler(gaussian_oracle(sched, mu, s), z.shape, sched, steps=steps,
+                  noise=z, dtype=torch.float64, spacing="trailing")
+    return out, (out - (mu + s * z)).abs().mean()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_oracle_gaussian_follows_probability_flow(prediction: str) -> None:
+    """For data x0 ~ N(mu, s^2) the probability-flow ODE maps x_T = z to
+    mu + s z (the normalised coordinate is conserved). Both samplers must
+    land there, DDIM at first order (error halves when steps double) and
+    DPM-Solver++(2M) faster than that."""
+    out, err_ddim = _gaussian_error(ddim_sample, 20, prediction)
+    assert err_ddim < 0.04 and out.std().item() == pytest.approx(0.5, rel=0.1)
+    _, err_ddim40 = _gaussian_error(ddim_sample, 40, prediction)
+    assert 0.4 < err_ddim40 / err_ddim < 0.6
+    out, err_dpm = _gaussian_error(dpm_solver_pp_2m_sample, 10, prediction)
+    assert err_dpm < 0.03 and out.std().item() == pytest.approx(0.5, rel=0.1)
+    _, err_dpm20 = _gaussian_error(dpm_solver_pp_2m_sample, 20, prediction)
+    assert err_dpm20 / err_dpm < 0.25
+
+
+def test_ddim_stochastic_is_seeded_and_calls_progress() -> None:
+    sched = DiffusionSchedule()
+    fn = gaussian_oracle(sched, 0.0, 1.0)
+    calls: list[tuple[int, int]] = []
+    a = ddim_sample(fn, (3, 2), sched, steps=5, eta=1.0,
+                    generator=torch.Generator().manual_seed(3),
+                    progress=lambda i, n: calls.append((i, n)))
+    b = ddim_sample(fn, (3, 2), sched, steps=5, eta=1.0,
+                    generator=torch.Generator().manual_seed(3))
+    c = ddim_sample(fn, (3, 2), sched, steps=5, eta=0.0,
+                    generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    assert calls == [(i, 5) for i in range(5)]
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sampling_keeps_no_graph(name: str) -> None:
+    sampler, _ = SAMPLERS[name]
+    lin = nn.Linear(2, 2)
+    out = sampler(lambda x, t: lin(x), (3, 2), DiffusionSchedule(), steps=4)
+    assert not out.requires_grad and out.grad_fn is None
+
+
+# ---------------------------------------------------------------- guidance
+
+
+class _Probe(nn.Module):
+    """Returns 0 when everything is dropped, 1 audio-only, 3 fully conditioned."""
+
+    def forward(self, x, t, image_cond, audio, pose, blink, drop_audio=None, drop_motion=None):
+        da = torch.zeros(x.shape[0], dtype=torch.bool) if drop_audio is None else drop_audio
+        dm = torch.zeros(x.shape[0], dtype=torch.bool) if drop_motion is None else drop_motion
+        val = torch.where(da & dm, 0.0, torch.where(dm, 1.0, 3.0))
+        assert not (da & ~dm).any(), "motion-only branch is never needed"
+        return val.view(-1, 1, 1) * torch.ones_like(x)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_guidance_combination(batch: bool) -> None:
+    x, t = torch.zeros(2, 1, 1), torch.zeros(2, dtype=torch.long)
+    conds = (None, torch.zeros(2, 1, 1), None, None)
+    # u = 0, a = 1, f = 3: out = s_a * (1 - 0) + s_m * (3 - 1)
+    out = guided_model_fn(_Probe(), *conds, audio_scale=2.0, motion_scale=1.5,
+                          batch_branches=batch)(x, t)
+    torch.testing.assert_close(out, torch.full_like(x, 2.0 + 1.5 * 2))
+    out = guided_model_fn(_Probe(), *conds, audio_scale=2.5, motion_scale=None,
+                          batch_branches=batch)(x, t)
+    torch.testing.assert_close(out, torch.full_like(x, 2.5 * 3))
+    out = guided_model_fn(_Probe(), *conds, audio_scale=1.0, motion_scale=1.0)(x, t)
+    torch.testing.assert_close(out, torch.full_like(x, 3.0))

@@ -1,0 +1,235 @@
+"""Tiny-config tests of the FDE network (stage 1), its grid helpers and visualisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from microscope_pl.models.blocks import resize_grid
+from microscope_pl.models.fde import FDE, identity_grid, warp
+from microscope_pl.models.motion import covariance_to_affine
+from microscope_pl.models.visualize import flow_to_color, image_row
+
+TINY = dict(block_expansion=8, max_features=16, motion_block_expansion=8, motion_max_features=16,
+            motion_num_blocks=3, num_regions=4, num_res_blocks=1)
+
+
+def tiny_fde(seed: int = 0, **kw: object) -> FDE:
+    torch.manual_seed(seed)
+    return FDE(**{**TINY, **kw})  # type: ignore[arg-type]
+
+
+def smooth_images(b: int, size: int, seed: int) -> torch.Tensor:
+    """Random smooth images ``b 3 size size`` in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(b, 3, size // 8, size // 8, generator=g)
+    return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------
+# shapes, ranges, configuration
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("downsample", [4, 8])
+def test_shapes_and_ranges(downsample: int) -> None:
+    fde = tiny_fde(downsample=downsample)
+    assert fde.downsample == downsample
+    src, dri = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    out = fde(src, dri)
+    h = 64 // downsample
+    assert out["frame"].shape == (2, 3, 64, 64)
+    assert out["dynamics"].shape == (2, 3, h, h)
+    assert out["heatmaps"].shape == (2, 4, 16, 16)
+    assert out["shift"].shape == (2, 4, 2) and out["affine"].shape == (2, 4, 2, 2)
+    assert out["mask"].shape == (2, 5, 16, 16)
+    assert out["frame"].min() >= 0 and out["frame"].max() <= 1
+    grid, occ = out["dynamics"][:, :2], out["dynamics"][:, 2]
+    assert grid.abs().max() <= 1 + 1e-5
+    assert occ.min() >= 0 and occ.max() <= 1
+    assert torch.allclose(out["heatmaps"].sum(dim=(2, 3)), torch.ones(2, 4), atol=1e-4)
+    feats = fde.encode(src)
+    assert len(feats) == int(math.log2(downsample)) + 1
+    assert feats[-1].shape[-2:] == (h, h)
+    assert torch.equal(fde.dynamics(src, dri), out["dynamics"])
+
+
+def test_bad_configuration() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        FDE(downsample=6)
+    with pytest.raises(ValueError, match="norm"):
+        FDE(**TINY, norm="layer")  # type: ignore[arg-type]
+    fde = tiny_fde()
+    with pytest.raises(ValueError, match="too small"):
+        fde(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16))  # 4 px motion map, 3 blocks
+    with pytest.raises(ValueError, match="divisible"):
+        fde(torch.rand(1, 3, 66, 66), torch.rand(1, 3, 66, 66))
+
+
+def test_batch_norm_variant_runs() -> None:
+    out = tiny_fde(norm="batch", estimate_background=False)(torch.rand(2, 3, 64, 64),
+                                                            torch.rand(2, 3, 64, 64))
+    assert out["frame"].shape == (2, 3, 64, 64)
+    assert torch.equal(out["bg_affine"][0], torch.eye(2, 3))
+
+
+# --------------------------------------------------------------------------
+# gradients and determinism
+# --------------------------------------------------------------------------
+
+
+def test_gradients_reach_every_parameter() -> None:
+    # Every parameter lies on a path to the frame (regions -> sparse motions
+    # and heatmap differences -> flow; background -> its sparse motion;
+    # occlusion head -> bottleneck and skip blends). One listed exception at
+    # initialisation: the background FC starts with zero weights (identity
+    # affine), so the background *encoder* before it gets exactly zero
+    # gradient until the first optimizer step moves the FC; checked below.
+    fde = tiny_fde()
+    src, dri = smooth_images(2, 64, 1), smooth_images(2, 64, 2)
+
+    def dead() -> list[str]:
+        fde.zero_grad(set_to_none=True)
+        (fde(src, dri)["frame"] - dri).abs().mean().backward()
+        return [n for n, p in fde.named_parameters()
+                if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+
+    assert all(n.startswith(("bg_predictor.first", "bg_predictor.down")) for n in dead()), dead()
+    assert fde.bg_predictor is not None
+    with torch.no_grad():
+        fde.bg_predictor.fc.weight.normal_(0, 1e-3)  # what one Adam step does
+    assert dead() == []
+
+
+def test_determinism() -> None:
+    src, dri = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    a = tiny_fde(seed=3)(src, dri)
+    b = tiny_fde(seed=3)(src, dri)
+    c = tiny_fde(seed=4)(src, dri)
+    assert torch.equal(a["frame"], b["frame"]) and torch.equal(a["dynamics"], b["dynamics"])
+    assert not torch.equal(a["frame"], c["frame"])
+
+
+# --------------------------------------------------------------------------
+# warp / grids (the A(., f) operator)
+# --------------------------------------------------------------------------
+
+
+def test_identity_grid_and_warp() -> None:
+    x = torch.rand(2, 5, 12, 16)
+    grid = identity_grid(2, 12, 16)
+    assert grid.shape == (2, 2, 12, 16)
+    assert torch.allclose(warp(x, grid), x, atol=1e-6)
+    # a grid shifted by one pixel to the right samples the right neighbour
+    shifted = grid.clone()
+    shifted[:, 0] += 2.0 / 16
+    assert torch.allclose(warp(x, shifted)[..., :-1], x[..., 1:], atol=1e-5)
+    # a coarse identity grid warps a fine feature map exactly too
+    assert torch.allclose(warp(x, identity_grid(2, 3, 4)), x, atol=1e-5)
+    assert torch.allclose(resize_grid(identity_grid(1, 8, 8), (32, 32)), identity_grid(1, 32, 32),
+                          atol=1e-6)
+    assert torch.allclose(resize_grid(identity_grid(1, 32, 32), (8, 8)), identity_grid(1, 8, 8),
+                          atol=1e-6)
+
+
+def test_covariance_to_affine() -> None:
+    torch.manual_seed(0)
+    m = torch.randn(256, 2, 2)
+    cov = m @ m.transpose(-1, -2) + 1e-2 * torch.eye(2)
+    u, s = covariance_to_affine(cov)
+    assert torch.allclose(torch.det(u), torch.ones(256), atol=1e-5)  # proper rotations
+    a = u * s[..., None, :]
+    err = (a @ a.transpose(-1, -2) - cov).abs().amax((-1, -2)) / cov.diagonal(0, -2, -1).sum(-1)
+    assert err.median() < 1e-2  # exact up to the angle regulariser near the +45 deg cut
+    # round regions: finite gradients (torch.svd's would be NaN) and no rotation
+    iso = (0.05 * torch.eye(2)).repeat(3, 1, 1).requires_grad_()
+    u, s = covariance_to_affine(iso)
+    (u.sum() + s.sum()).backward()
+    assert torch.isfinite(iso.grad).all()
+    assert torch.allclose(u[0], u[1])
+
+
+# --------------------------------------------------------------------------
+# decode: foreign dynamics, broadcasting, identity reconstruction
+# --------------------------------------------------------------------------
+
+
+def test_decode_foreign_dynamics_and_broadcast() -> None:
+    fde = tiny_fde().eval()
+    src = torch.rand(1, 3, 64, 64)
+    feats = fde.encode(src)
+    dyn = torch.cat([identity_grid(3, 8, 8) + 0.05 * torch.randn(3, 2, 8, 8),
+                     torch.rand(3, 1, 8, 8)], dim=1)  # 8x8, not the model's 16x16
+    with torch.no_grad():
+        out = fde.decode(feats, dyn)
+        ref = fde.decode([f.repeat(3, 1, 1, 1) for f in feats], dyn)
+    assert out.shape == (3, 3, 64, 64)
+    assert torch.allclose(out, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="batch"):
+        fde.decode([f.repeat(2, 1, 1, 1) for f in feats], dyn)
+    with pytest.raises(ValueError, match="b 3 h w"):
+        fde.decode(feats, dyn[:, :2])
+
+
+def test_identity_dynamics_reconstruct_after_training() -> None:
+    """Train encode/decode on identity dynamics; then the identity grid must
+    reconstruct far better than a random smooth grid (the warp matters)."""
+    fde = tiny_fde(num_res_blocks=1)
+    gen = [p for n, p in fde.named_parameters()
+           if not n.startswith(("region_predictor", "bg_predictor", "flow_predictor"))]
+    opt = torch.optim.Adam(gen, lr=3e-3)
+    size = 32
+    ident = torch.cat([identity_grid(8, size // 4, size // 4), torch.ones(8, 1, size // 4, size // 4)], 1)
+    for step in range(100):
+        x = smooth_images(8, size, 100 + step)
+        loss = (fde.decode(fde.encode(x), ident) - x).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = smooth_images(8, size, 7)
+    g = torch.Generator().manual_seed(0)
+    disp = F.interpolate(0.6 * torch.randn(8, 2, 2, 2, generator=g), size=(size // 4, size // 4),
+                         mode="bilinear", align_corners=False)
+    rand = torch.cat([(identity_grid(8, size // 4, size // 4) + disp).clamp(-1, 1),
+                      torch.ones(8, 1, size // 4, size // 4)], 1)
+    with torch.no_grad():
+        feats = fde.encode(x)
+        err_id = (fde.decode(feats, ident) - x).abs().mean().item()
+        err_rand = (fde.decode(feats, rand) - x).abs().mean().item()
+    assert err_id < 0.08, err_id  # ~0.06 after 100 steps; a wrong warp gives ~0.2
+    assert err_id < 0.4 * err_rand, (err_id, err_rand)
+
+
+# --------------------------------------------------------------------------
+# visualisation
+# --------------------------------------------------------------------------
+
+
+def test_flow_to_color_and_image_row() -> None:
+    grid = identity_grid(2, 8, 8)
+    white = flow_to_color(grid)
+    assert white.shape == (2, 3, 8, 8) and torch.allclose(white, torch.ones_like(white))
+    right = grid.clone()
+    right[:, 0] += 0.1  # pure +x motion: hue 0, red
+    col = flow_to_color(right)
+    assert torch.allclose(col[:, 0], torch.ones(2, 8, 8)) and col[:, 1:].max() < 1e-5
+    row = image_row(torch.rand(2, 3, 32, 32), torch.rand(1, 16, 16), right, torch.rand(3, 32, 32))
+    assert row.shape == (3, 32, 128)
+    assert row.min() >= 0 and row.max() <= 1
+
+
+def test_bf16_autocast_keeps_coordinates_in_float32() -> None:
+    fde = tiny_fde()
+    src, dri = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fde(src, dri)
+    assert out["dynamics"].dtype == torch.float32 and out["shift"].dtype == torch.float32
+    assert torch.isfinite(out["frame"].float()).all()
+    ref = fde.dynamics(src, dri)
+    assert (out["dynamics"] - ref).abs().max() < 0.05
+    x = torch.rand(1, 4, 16, 16)
+    grid = identity_grid(1, 16, 16)
+    assert torch.allclose(warp(x.bfloat16(), grid).float(), x, atol=1e-2)

@@ -1,0 +1,198 @@
+"""Generation end to end on tiny untrained checkpoints: the video file, chunked
+decoding, and one-line errors for every bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from microscope_pl.cli import main
+from microscope_pl.data.audio import write_wav
+from microscope_pl.inference.generate import frame_count, generate, resolve_audio_features
+from microscope_pl.inference.inputs import load_portrait
+
+SR = 16000
+SECONDS = 1.2
+
+
+def _save(module: Any, path: Path) -> Path:
+    """A checkpoint in the Lightning layout, written by hand (no Trainer)."""
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)  # adds microscope_phase (and phase 2's lmae_config)
+    torch.save(ckpt, path)
+    return path
+
+
+def _speech(seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced, syllable-like tone: loud enough, not silent."""
+    t = np.arange(int(seconds * SR)) / SR
+    rng = np.random.default_rng(seed)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
+    return (0.3 * envelope * np.sin(2 * np.pi * 170 * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny phase-1, phase-2 and diffusion checkpoints at 64x64 plus audio files."""
+    from microscope_pl.modules.diffusion_module import LatentDiffusionModule
+    from microscope_pl.modules.fde_module import FDEModule
+    from microscope_pl.modules.lmae_module import LMAEModule
+
+    root = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    fde = FDEModule(image_size=64, block_expansion=8, max_features=16, num_regions=2, motion_block_expansion=8,
+                    motion_max_features=16, motion_num_blocks=2, num_res_blocks=1, perceptual_weights="random",
+                    lpips="off")
+    p1 = _save(fde, root / "phase1.ckpt")
+    lmae = LMAEModule(image_size=64, base_channels=8, channel_mult=[1, 1, 1, 1], norm_groups=4, mid_attention=False,
+                      perceptual_weights="random", lpips="off", fde_ckpt_path=str(p1))
+    p2 = _save(lmae, root / "phase2.ckpt")
+    diffusion = LatentDiffusionModule(image_size=64, base_channels=16, channel_mult=[1, 2], attn_levels=[1],
+                                      num_heads=2, cond_dim=16, image_cond_channels=8, sample_steps=2,
+                                      mdcf_ckpt_path=str(p2), lpips="off")
+    files = {"phase1": p1, "diffusion": _save(diffusion, root / "diffusion.ckpt"), "root": root}
+    files["speech"] = root / "speech.wav"
+    write_wav(files["speech"], _speech(SECONDS))
+    files["silent"] = root / "silent.wav"
+    write_wav(files["silent"], np.zeros(SR, np.float32))
+    files["bad_image"] = root / "broken.png"
+    files["bad_image"].write_text("not an image")
+    return files
+
+
+def _ffprobe_audio_seconds(path: Path) -> float:
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=duration",
+                          "-of", "json", str(path)], capture_output=True, check=True, text=True).stdout
+    return float(json.loads(out)["streams"][0]["duration"])
+
+
+def test_cli_generates_video_with_audio(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import decord
+
+    out = tmp_path / "clip.mp4"
+    code = main(["generate", "--checkpoint", str(env["diffusion"]), "--image", "astronaut", "--audio",
+                 str(env["speech"]), "--out", str(out), "--pose", "still", "--steps", "2", "--device", "cpu"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    reader = decord.VideoReader(str(out))
+    assert reader.get_avg_fps() == pytest.approx(25.0)
+    assert abs(len(reader) - SECONDS * 25) <= 1
+    assert reader[0].shape == (64, 64, 3)
+    assert _ffprobe_audio_seconds(out) == pytest.approx(SECONDS, abs=0.04)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # no temporary files left behind
+
+
+def test_api_with_pose_file_and_timings(env: dict[str, Path], tmp_path: Path) -> None:
+    from microscope_pl.inference.generate import run_generation
+
+    n = frame_count(int(SECONDS * SR), 25)
+    track = np.zeros((n + 5, 8), np.float32)
+    track[:, 0] = np.linspace(10, 20, n + 5)  # absolute yaw: "first" makes it start at the portrait's pose
+    np.save(tmp_path / "pose.npy", track)
+    messages: list[str] = []
+    report = run_generation(env["diffusion"], "astronaut", env["speech"], tmp_path / "a.mkv",
+                            pose=str(tmp_path / "pose.npy"), steps=1, progress=False, device="cpu",
+                            log=messages.append)
+    assert report.path.is_file() and report.frames == n
+    assert report.denoise_s > 0 and report.decode_s > 0 and report.audio_features == "logmel"
+    assert any("face-centred crop" in m for m in messages)
+    path = generate(env["diffusion"], "astronaut", env["speech"], tmp_path / "b.mp4", pose="still", steps=1,
+                    progress=False, device="cpu", log=messages.append)
+    assert path == tmp_path / "b.mp4" and path.is_file()
+    assert "denoise" in messages[-1] and "decode" in messages[-1]
+
+
+def test_chunked_decoding_equals_unchunked(env: dict[str, Path]) -> None:
+    from microscope_pl.phases import load_module
+
+    module = load_module(env["diffusion"], "diffusion")
+    codec = module.codec
+    side = 64 // codec.latent_down
+    z = torch.randn(1, codec.latent_channels, 7, side, side, generator=torch.Generator().manual_seed(0))
+    features = codec.fde.encode(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    chunked = torch.cat(list(codec.decode_chunks(features, z, 3)))
+    whole = torch.cat(list(codec.decode_chunks(features, z, 1000)))
+    assert chunked.shape == (7, 3, 64, 64)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+BAD_INPUTS = {
+    "missing image": (["--image", "{root}/nope.png"], "image not found"),
+    "unreadable image": (["--image", "{bad_image}"], "cannot read image"),
+    "missing audio": (["--audio", "{root}/nope.wav"], "audio not found"),
+    "silent audio": (["--audio", "{silent}"], "is silent"),
+    "too-long audio": (["--max-seconds", "1"], "more than --max-seconds 1"),
+    "phase-1 checkpoint": (["--checkpoint", "{phase1}"], "is a phase1 checkpoint, expected a diffusion checkpoint"),
+    "wrong resolution": (["--resolution", "128"], "--resolution 128 does not match the checkpoint's image_size 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_give_one_line_errors(case: str, env: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    extra, expected = BAD_INPUTS[case]
+    defaults = {"--checkpoint": str(env["diffusion"]), "--image": "astronaut", "--audio": str(env["speech"])}
+    extra = [a.format(**{k: str(v) for k, v in env.items()}) for a in extra]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        defaults[flag] = value
+    out = tmp_path / "out.mp4"
+    argv = ["generate", *[x for kv in defaults.items() for x in kv], "--out", str(out), "--pose", "still",
+            "--steps", "1", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_missing_pbnet_suggests_still(env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)  # no checkpoints/pbnet here
+    argv = ["generate", "--checkpoint", str(env["diffusion"]), "--image", "astronaut", "--audio", str(env["speech"]),
+            "--out", "x.mp4", "--no-progress", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no pbnet checkpoint" in err and "--pose still" in err and not (tmp_path / "x.mp4").exists()
+
+
+def test_rgba_grayscale_and_odd_sized_portraits(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgba = np.zeros((80, 50, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:40, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((30, 40), 90, np.uint8), "L").save(tmp_path / "gray.webp", lossless=True)
+    Image.fromarray(np.full((33, 21, 3), 10, np.uint8)).save(tmp_path / "small.bmp")
+    notes: list[str] = []
+    img = load_portrait(tmp_path / "rgba.png", 64, log=notes.append)
+    assert img.shape == (3, 64, 64) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+    assert torch.allclose(img[:, -1, 32], torch.ones(3))  # transparency composited on white
+    assert img[0, 0, 32] == pytest.approx(200 / 255, abs=0.01) and img[1, 0, 32] == pytest.approx(0, abs=0.01)
+    assert "centre crop" in notes[-1]
+    gray = load_portrait(tmp_path / "gray.webp", 64, log=None)
+    assert gray.shape == (3, 64, 64) and torch.allclose(gray, torch.full_like(gray, 90 / 255), atol=0.01)
+    assert load_portrait(tmp_path / "small.bmp", 64, log=None).shape == (3, 64, 64)
+    astronaut = load_portrait("astronaut", 32, log=notes.append)
+    assert astronaut.shape == (3, 32, 32) and "face-centred" in notes[-1]
+
+
+def test_audio_feature_kind_comes_from_the_checkpoint(tmp_path: Path) -> None:
+    def ckpt(data_hp: dict[str, Any] | None) -> Path:
+        path = tmp_path / f"c{len(list(tmp_path.iterdir()))}.ckpt"
+        torch.save({"state_dict": {}, **({"datamodule_hyper_parameters": data_hp} if data_hp else {})}, path)
+        return path
+
+    assert resolve_audio_features(ckpt({"audio_features": "hubert:x"}), {"audio_dim": 1024}) == "hubert:x"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"audio_features": "hubert:local"}))
+    assert resolve_audio_features(ckpt({"data_root": str(tmp_path / "data")}), {"audio_dim": 1024}) == "hubert:local"
+    gone = ckpt({"data_root": str(tmp_path / "gone")})
+    assert resolve_audio_features(gone, {"audio_dim": 80}) == "logmel"
+    assert resolve_audio_features(gone, {"audio_dim": 1024}, override="hubert:y") == "hubert:y"
+    with pytest.raises(ValueError, match="1024-d audio features.*--audio-features"):
+        resolve_audio_features(gone, {"audio_dim": 1024})

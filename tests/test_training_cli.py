@@ -1,0 +1,117 @@
+"""CLI smoke tests of phases 1 and 2: fit, resume, test, frozen upstream."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from microscope_pl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_FDE = [
+    "--model.init_args.image_size", "64", "--model.init_args.block_expansion", "8",
+    "--model.init_args.max_features", "16", "--model.init_args.motion_block_expansion", "8",
+    "--model.init_args.motion_max_features", "16", "--model.init_args.motion_num_blocks", "3",
+    "--model.init_args.num_res_blocks", "1", "--model.init_args.num_regions", "4",
+    "--model.init_args.perceptual_scales", "[1.0]", "--model.init_args.lpips", "off",
+]
+TINY_LMAE = [
+    "--model.init_args.image_size", "64", "--model.init_args.base_channels", "8",
+    "--model.init_args.channel_mult", "[1, 1, 2, 2]", "--model.init_args.norm_groups", "4",
+    "--model.init_args.perceptual_scales", "[1.0]", "--model.init_args.lpips", "off",
+]
+
+
+def data_args(root: Path) -> list[str]:
+    return ["--data.init_args.data_root", str(root), "--data.init_args.image_size", "64",
+            "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+            "--data.init_args.samples_per_video", "1", "--data.init_args.val_samples", "2"]
+
+
+SHORT_RUN = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.check_val_every_n_epoch", "1"]
+
+
+def fit(phase_config: str, root: Path, *extra: str) -> int:
+    return main(["fit", "--config", str(REPO / "configs" / phase_config), *data_args(root), *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root, tmp_path_factory):
+    """A tiny phase-1 then phase-2 run in a scratch working directory."""
+    work = tmp_path_factory.mktemp("phases")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        assert fit("phase1_fde.yaml", synth_root, *TINY_FDE, *SHORT_RUN) == 0
+        assert fit("phase2_lmae.yaml", synth_root, *TINY_LMAE, *SHORT_RUN) == 0
+    return work
+
+
+def test_phase1_fast_dev_run(synth_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert fit("phase1_fde.yaml", synth_root, *TINY_FDE, "--trainer.fast_dev_run", "1") == 0
+
+
+def test_phase1_writes_best_and_last(trained):
+    for name in ("best.ckpt", "last.ckpt"):
+        ckpt = torch.load(trained / "checkpoints/phase1" / name, weights_only=True)
+        assert ckpt["microscope_phase"] == "phase1"
+    assert not list((trained / "checkpoints/phase1").glob("*.tmp"))
+
+
+def test_phase2_keeps_fde_bitwise_and_optimises_only_lmae(trained):
+    p1 = torch.load(trained / "checkpoints/phase1/best.ckpt", weights_only=True)
+    p2 = torch.load(trained / "checkpoints/phase2/last.ckpt", weights_only=True)
+    fde1 = {k: v for k, v in p1["state_dict"].items() if k.startswith("fde.")}
+    fde2 = {k: v for k, v in p2["state_dict"].items() if k.startswith("fde.")}
+    assert fde1.keys() == fde2.keys() and fde1
+    assert all(torch.equal(fde1[k], fde2[k]) for k in fde1)
+    lmae_params = [k for k in p2["state_dict"] if k.startswith("lmae.") and "running" not in k]
+    optimised = sum(len(group["params"]) for group in p2["optimizer_states"][0]["param_groups"])
+    from microscope_pl.phases import load_module
+
+    module = load_module(trained / "checkpoints/phase2/last.ckpt", "phase2")
+    assert optimised == len(list(module.lmae.parameters())) == len([k for k in lmae_params])
+    upstream = p2["hyper_parameters"]["upstream"]["phase1"]
+    assert upstream["path"].endswith("best.ckpt") and len(upstream["sha256"]) == 64
+
+
+def test_phase2_refuses_mismatched_upstream(trained, synth_root, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    wrong_phase = ["--model.init_args.fde_ckpt_path", str(trained / "checkpoints/phase2/last.ckpt")]
+    assert fit("phase2_lmae.yaml", synth_root, *TINY_LMAE, *wrong_phase, "--trainer.fast_dev_run", "1") == 2
+    assert "is a phase2 checkpoint, expected a phase1 checkpoint" in capsys.readouterr().err
+    wrong_size = [*TINY_LMAE, "--model.init_args.image_size", "128"]
+    assert fit("phase2_lmae.yaml", synth_root, *wrong_size, "--trainer.fast_dev_run", "1") == 2
+    assert "incompatible image_size: this phase has 128, the upstream checkpoint has 64" in capsys.readouterr().err
+
+
+def test_test_command_reports_compression_and_both_psnrs(trained, synth_root, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    code = main(["test", "--config", str(REPO / "configs/phase2_lmae.yaml"), *data_args(synth_root), *TINY_LMAE,
+                 "--trainer.limit_test_batches", "1",
+                 "--ckpt_path", str(trained / "checkpoints/phase2/last.ckpt")])
+    assert code == 0
+    out = capsys.readouterr().out
+    for key in ("test/compression_ratio", "test/fde_psnr", "test/mdcf_psnr", "test/copy_source_psnr"):
+        assert key in out
+    assert "768" in out
+
+
+def test_fit_resumes_from_last_and_rejects_truncated(trained, synth_root, monkeypatch, capsys, tmp_path):
+    work = tmp_path / "resume"
+    work.mkdir()
+    (work / "checkpoints/phase1").mkdir(parents=True)
+    last = work / "checkpoints/phase1/last.ckpt"
+    last.write_bytes((trained / "checkpoints/phase1/last.ckpt").read_bytes())
+    monkeypatch.chdir(work)
+    more = [*SHORT_RUN, "--trainer.max_epochs", "2"]
+    assert fit("phase1_fde.yaml", synth_root, *TINY_FDE, *more) == 0
+    assert f"resuming from {last}" in capsys.readouterr().out
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    last.write_bytes(last.read_bytes()[:1000])
+    assert fit("phase1_fde.yaml", synth_root, *TINY_FDE, *more) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: checkpoint {last} is truncated or corrupt")
+    assert "\n" not in err
