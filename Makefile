@@ -47,7 +47,7 @@ test-all:
 	$(PY) -m pytest -q -m ""
 
 data:
-	$(MICROSCOPE) data synth --out data/synth $(ARGS)
+	$(MICROSCOPE) data synth --out data/synth --videos 40 --seconds 8 --size 128 $(ARGS)
 
 phase1:
 	$(MICROSCOPE) fit --config configs/phase1_fde.yaml $(ARGS)

@@ -42,19 +42,18 @@ def max_time(minutes: float) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m microscope_pl.demo", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m microscope_pl.demo", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true",
                         help="~3-minute version: tiny data set and seconds of training per phase")
     for phase, (full, quick) in BUDGETS.items():
         parser.add_argument(f"--{phase}-minutes", type=float, default=None,
                             help=f"training budget of {phase} (default {full:g}, --quick {quick:g})")
     parser.add_argument("--trainer-config", default="configs/trainer/cpu.yaml",
-                        help="trainer settings added to every phase (configs/trainer/gpu.yaml on a GPU)")
-    parser.add_argument("--text", default=SENTENCE, help="sentence spoken by espeak-ng")
-    parser.add_argument("--image", default="astronaut", help="portrait to animate")
+                        help="trainer settings added to every phase (default: %(default)s; configs/trainer/gpu.yaml on a GPU)")
+    parser.add_argument("--text", default=SENTENCE, help="sentence spoken by espeak-ng (default: a sentence about the demo)")
+    parser.add_argument("--image", default="astronaut", help="portrait to animate (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
-    parser.add_argument("--out", default="outputs/demo.mp4", help="the generated video")
+    parser.add_argument("--out", default="outputs/demo.mp4", help="the generated video (default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -128,8 +128,11 @@ class _VideoDataset(Dataset):
             raise ValueError(f"{self.root}: split {split!r} has no videos")
         if samples_per_video < 1:
             raise ValueError(f"samples_per_video must be >= 1, got {samples_per_video}")
-        self.frame_counts = {n: int(json.loads((self.root / "videos" / n / "meta.json").read_text())["frames"])
-                             for n in names}
+        metas = {n: json.loads((self.root / "videos" / n / "meta.json").read_text()) for n in names}
+        self.frame_counts = {n: int(meta["frames"]) for n, meta in metas.items()}
+        # Mouth boxes (synthetic data only) in stored pixels, for the lip-sync proxy metric.
+        self.mouth_boxes = {n: (meta.get("mouth_box"), int(meta.get("size", self.manifest["size"])))
+                            for n, meta in metas.items()}
         self.names = [n for n in names if self.frame_counts[n] >= min_frames]
         if not self.names:
             longest = max(self.frame_counts.values())
@@ -223,7 +226,8 @@ class ClipDataset(_VideoDataset):
     """``num_frames`` consecutive frames with aligned conditions.
 
     Returns ``{"frames": n 3 h w, "reference": 3 h w, "audio": n d, "pose": n 6,
-    "blink": n 2, "loudness": n, "ref_index": int, "start": int, "name": str}``.
+    "blink": n 2, "loudness": n, "ref_index": int, "start": int, "name": str,
+    "mouth_box": 4}`` (the box is -1s when the data set has none).
     ``ref_index`` and ``start`` are frame indices in the video; pose and blink
     are deltas from the reference frame's values. ``reference="first"`` uses the
     clip's first frame, ``"random"`` any frame of the video.
@@ -264,4 +268,12 @@ class ClipDataset(_VideoDataset):
             "ref_index": ref,
             "start": start,
             "name": name,
+            "mouth_box": self._mouth_box(name),
         }
+
+    def _mouth_box(self, name: str) -> torch.Tensor:
+        """``4`` (x0, y0, x1, y1) in model pixels, or -1s when the data set has none."""
+        box, size = self.mouth_boxes[name]
+        if box is None:
+            return torch.full((4,), -1.0)
+        return torch.tensor(box, dtype=torch.float32) * (self.image_size / size)

@@ -61,22 +61,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `bench generate` (its `func(args) -> int` runs the benchmark)."""
     bench = subparsers.add_parser("bench", help="benchmarks (bench generate: memory/time, MDCF vs DAWN-style latent)")
     sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    p = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="peak memory and time of generation and of a training step, per case",
-                       description=__doc__.split("\n\n")[1])
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="frame sizes")
-    p.add_argument("--frames", type=int, nargs="+", default=[200, 400, 800, 1600], help="clip lengths")
+    p = sub.add_parser("generate", help="peak memory and time of generation and of a training step, per case",
+                       description="\n\n".join(__doc__.split("\n\n")[1:4]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="frame sizes (default: %(default)s)")
+    p.add_argument("--frames", type=int, nargs="+", default=[200, 400, 800, 1600], help="clip lengths (default: %(default)s)")
     p.add_argument("--latents", nargs="+", choices=LATENTS, default=list(LATENTS),
-                   help="mdcf: 4 x H/32 (paper); fde: 3 x H/4 dynamics (DAWN-style baseline)")
-    p.add_argument("--mem-cap-gb", type=float, default=20.0, help="memory cap per case (process RSS)")
-    p.add_argument("--steps", type=int, default=2, help="denoising steps actually run (scaled to sample_steps)")
-    p.add_argument("--decode-sample-chunks", type=int, default=4, help="decoder chunks timed, then extrapolated")
-    p.add_argument("--train-steps", type=int, default=2, help="training steps timed (the last one is reported)")
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-time limit per case")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+                   help="mdcf: 4 x H/32 (paper); fde: 3 x H/4 dynamics (DAWN-style baseline) (default: %(default)s)")
+    p.add_argument("--mem-cap-gb", type=float, default=20.0, help="memory cap per case (process RSS) (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps actually run (scaled to sample_steps) (default: %(default)s)")
+    p.add_argument("--decode-sample-chunks", type=int, default=4, help="decoder chunks timed, then extrapolated (default: %(default)s)")
+    p.add_argument("--train-steps", type=int, default=2, help="training steps timed (the last one is reported) (default: %(default)s)")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-time limit per case (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     p.add_argument("--config-dir", default=None, help="where diffusion.yaml etc. live (default: the repo's configs/)")
-    p.add_argument("--out", default="reports/bench", help="folder for report.md, report.json, report.png")
+    p.add_argument("--out", default="reports/bench", help="folder for report.md, report.json, report.png (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny widths, 64x64, frames 8 and 16, 1 step (seconds)")
     p.set_defaults(func=run_bench)
     bench.set_defaults(func=lambda args: _usage(bench))
@@ -504,7 +504,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"{settings['decode_chunk']} frames (LMAE + FDE decode and uint8 conversion, no H.264 encoding) and "
         "**extrapolates** to the clip length. Generation = both. Peaks are the process RSS high-water mark "
         "per phase (VmHWM reset between phases), so they include the Python + torch runtime "
-        f"(~{_gb(built.get('runtime_rss_gb'))} GB) and the weights.", "",
+        f"(~{_gb(built.get('runtime_rss_gb'))} GB) and the weights (one denoiser copy; a checkpoint adds its EMA "
+        "twin, 4 bytes per denoiser parameter).", "",
         "| latent | size | frames | latent c x n x h x w | ratio | denoise s/step | denoise x"
         f"{steps} s | decode s (extrap.) | generation s | peak denoise GB | peak decode GB | peak generation GB |"
         + (" peak GPU GB |" if gpu else ""),
