@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_cpu_ddp_keeps_ranks_identical(synth_root, tmp_path):
-    from test_training_cli import SHORT_RUN, TINY_FDE, data_args
+    from helpers import SHORT_RUN, TINY_FDE, data_args
 
     cmd = [sys.executable, "-m", "microscope_pl", "fit", "--config", str(REPO / "configs/phase1_fde.yaml"),
            "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), *data_args(synth_root), *TINY_FDE, *SHORT_RUN,

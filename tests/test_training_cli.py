@@ -8,44 +8,7 @@ import torch
 
 from microscope_pl.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_FDE = [
-    "--model.init_args.image_size", "64", "--model.init_args.block_expansion", "8",
-    "--model.init_args.max_features", "16", "--model.init_args.motion_block_expansion", "8",
-    "--model.init_args.motion_max_features", "16", "--model.init_args.motion_num_blocks", "3",
-    "--model.init_args.num_res_blocks", "1", "--model.init_args.num_regions", "4",
-    "--model.init_args.perceptual_scales", "[1.0]", "--model.init_args.lpips", "off",
-]
-TINY_LMAE = [
-    "--model.init_args.image_size", "64", "--model.init_args.base_channels", "8",
-    "--model.init_args.channel_mult", "[1, 1, 2, 2]", "--model.init_args.norm_groups", "4",
-    "--model.init_args.perceptual_scales", "[1.0]", "--model.init_args.lpips", "off",
-]
-
-
-def data_args(root: Path) -> list[str]:
-    return ["--data.init_args.data_root", str(root), "--data.init_args.image_size", "64",
-            "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-            "--data.init_args.samples_per_video", "1", "--data.init_args.val_samples", "2"]
-
-
-SHORT_RUN = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-             "--trainer.check_val_every_n_epoch", "1"]
-
-
-def fit(phase_config: str, root: Path, *extra: str) -> int:
-    return main(["fit", "--config", str(REPO / "configs" / phase_config), *data_args(root), *extra])
-
-
-@pytest.fixture(scope="module")
-def trained(synth_root, tmp_path_factory):
-    """A tiny phase-1 then phase-2 run in a scratch working directory."""
-    work = tmp_path_factory.mktemp("phases")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        assert fit("phase1_fde.yaml", synth_root, *TINY_FDE, *SHORT_RUN) == 0
-        assert fit("phase2_lmae.yaml", synth_root, *TINY_LMAE, *SHORT_RUN) == 0
-    return work
+from helpers import REPO, SHORT_RUN, TINY_FDE, TINY_LMAE, data_args, fit
 
 
 def test_phase1_fast_dev_run(synth_root, tmp_path, monkeypatch):

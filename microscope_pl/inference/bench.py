@@ -550,6 +550,7 @@ def plot(path: Path, report: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cap = report["settings"]["mem_cap_gb"]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -568,9 +569,10 @@ def plot(path: Path, report: dict[str, Any]) -> None:
             ax_mem.scatter(over, [cap] * len(over), marker="x", s=60, color=style["color"])
     ax_mem.axhline(cap, color="grey", linewidth=0.8, linestyle=":", label=f"cap {cap:g} GB (x: over)")
     steps = report["settings"]["steps_projected"]
-    ax_mem.set(xlabel="frames", ylabel="peak process memory (GB)", title="memory of generation", yscale="log")
+    ax_mem.set(xlabel="frames", ylabel="peak process memory (GB)", title="memory of generation", ylim=(0, None))
     ax_time.set(xlabel="frames", ylabel=f"seconds ({steps} steps projected, decode extrapolated)",
                 title="time of generation", yscale="log")
+    ax_time.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     for ax in (ax_mem, ax_time):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

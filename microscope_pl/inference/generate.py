@@ -355,10 +355,10 @@ def run_generation(
                 writer.write(_to_uint8(frames))
                 if bars is not None:
                     bars.advance(frames_task, frames.shape[0])
+            if writer.frames_written != num_frames:  # raised inside: the writer discards the file
+                raise RuntimeError(f"decoded {writer.frames_written} frames, expected {num_frames}")
         decoded = time.perf_counter()
 
-    if writer.frames_written != num_frames:  # defensive: the decoder must yield one frame per latent
-        raise RuntimeError(f"wrote {writer.frames_written} frames, expected {num_frames}")
     return GenerationReport(
         path=out, frames=num_frames, fps=float(fps), audio_seconds=wave.size / SAMPLE_RATE, image_size=size,
         steps=total_steps, audio_features=kind, pose_source=pose_source, device=str(dev),

@@ -226,7 +226,7 @@ class LatentDiffusionModule(PhaseModule):
         z = self.sample_latents(batch, generator=generator, **kwargs)
         clips = []
         for i in range(z.shape[0]):
-            features = [f[i:i + 1] for f in self.codec.fde.encode(batch["reference"][i:i + 1])]
+            features = self.codec.fde.encode(batch["reference"][i:i + 1])
             clips.append(self.codec.decode(features, z[i:i + 1], self.hparams.decode_chunk))
         return torch.stack(clips)
 
