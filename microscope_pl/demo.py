@@ -10,12 +10,15 @@ The default budgets sum to about 20 minutes including the data, so the whole
 demo fits in 25 minutes on 2 cores; `--quick` is a ~3-minute smoke version.
 Minutes of CPU training make blurry, barely moving faces: the demo shows the
 pipeline working end to end, not the paper's quality. Phases whose
-checkpoints/<phase>/last.ckpt exists are skipped (`make clean` to retrain).
+checkpoints/<phase>/last.ckpt exists are skipped (`make clean` to retrain),
+and an existing data/synth is kept (`--quick` makes a smaller one: delete it
+before a full run).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,8 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument(f"--{phase}-minutes", type=float, default=None,
                             help=f"training budget of {phase} (default {full:g}, --quick {quick:g})")
     parser.add_argument("--trainer-config", default="configs/trainer/cpu.yaml",
-                        help="trainer settings added to every phase (default: %(default)s; configs/trainer/gpu.yaml on a GPU)")
-    parser.add_argument("--text", default=SENTENCE, help="sentence spoken by espeak-ng (default: a sentence about the demo)")
+                        help="trainer settings added to every phase "
+                             "(default: %(default)s; configs/trainer/gpu.yaml on a GPU)")
+    parser.add_argument("--text", default=SENTENCE,
+                        help="sentence spoken by espeak-ng (default: a sentence about the demo)")
     parser.add_argument("--image", default="astronaut", help="portrait to animate (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     parser.add_argument("--out", default="outputs/demo.mp4", help="the generated video (default: %(default)s)")
@@ -86,6 +91,7 @@ def speech(text: str, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Data -> four training phases -> generated video; returns the exit code."""
     args = parse_args(argv)
     start = time.perf_counter()
     if not Path(PHASES["phase1"].config).is_file():  # configs/ are read relative to the repository root
@@ -93,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         if not (root / PHASES["phase1"].config).is_file():
             print("error: run the demo from the repository root (configs/ not found)", file=sys.stderr)
             return 2
-        import os
-
         os.chdir(root)
         print(f"working in {root}", flush=True)
     timings: dict[str, float] = {}
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--config", args.trainer_config, "--trainer.max_time", max_time(budget)]
         code = run_phases(phase, extra, only=phase)  # skips the phase when its last.ckpt exists
         timings[phase] = time.perf_counter() - t
+        print(f"[{phase}] finished in {timings[phase] / 60:.1f} min", flush=True)
         if code != 0:
             print(f"error: {phase} failed (exit {code}); see the log above", file=sys.stderr)
             return code

@@ -152,6 +152,7 @@ PHASE_MODULES = {
     "phase2": "microscope_pl.modules.lmae_module.LMAEModule",
     "pbnet": "microscope_pl.modules.pbnet_module.PBNetModule",
     "diffusion": "microscope_pl.modules.diffusion_module.LatentDiffusionModule",
+    "vae": "microscope_pl.modules.pixel_vae_module.PixelVAEModule",
 }
 
 

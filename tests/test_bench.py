@@ -19,7 +19,8 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
     shapes = {(c["latent"], c["frames"]): c["latent_shape"] for c in cases if c["kind"] == "generate"}
     assert shapes[("mdcf", 16)] == [4, 16, 2, 2] and shapes[("fde", 8)] == [3, 8, 16, 16]  # H/32 vs H/4
     gen = next(c for c in cases if c["kind"] == "generate")
-    assert gen["denoise"]["per_step_s"] > 0 and gen["decode"]["projected_s"] > 0 and gen["generation"]["peak_rss_gb"] > 0
+    assert gen["denoise"]["per_step_s"] > 0 and gen["decode"]["projected_s"] > 0
+    assert gen["generation"]["peak_rss_gb"] > 0
     md = (out / "report.md").read_text()
     assert "Reproduce: `microscope bench generate --smoke" in md and "| mdcf | 64 | 16 | 4 x 16 x 2 x 2 | 768x |" in md
     assert "scaled to 20 steps" in md and "extrapolates" in md

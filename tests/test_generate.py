@@ -196,3 +196,31 @@ def test_audio_feature_kind_comes_from_the_checkpoint(tmp_path: Path) -> None:
     assert resolve_audio_features(gone, {"audio_dim": 1024}, override="hubert:y") == "hubert:y"
     with pytest.raises(ValueError, match="1024-d audio features.*--audio-features"):
         resolve_audio_features(gone, {"audio_dim": 1024})
+
+
+def test_pose_file_relative_to_reference(tmp_path: Path) -> None:
+    from microscope_pl.inference.generate import motion_conditions
+
+    rows = np.arange(6 * 8, dtype=np.float32).reshape(6, 8)
+    path = tmp_path / "track.csv"
+    path.write_text("yaw,pitch,roll,scale,tx,ty,left,right\n" + "\n".join(",".join(map(str, r)) for r in rows))
+    audio = torch.zeros(1, 5, 80)
+    gen = torch.Generator().manual_seed(0)
+    pose, blink, _ = motion_conditions(str(path), "first", audio, 80, None, gen, print)
+    assert pose.shape == (1, 5, 6) and blink.shape == (1, 5, 2)
+    assert torch.equal(pose[0, 0], torch.zeros(6)) and torch.equal(blink[0, 3], torch.full((2,), 24.0))
+    pose, blink, _ = motion_conditions(str(path), "zero", audio, 80, None, gen, print)
+    assert torch.equal(pose[0, 1], torch.from_numpy(rows[1, :6]))  # used as given
+    with pytest.raises(ValueError, match="has 6 frames, the audio needs 9"):
+        motion_conditions(str(path), "first", torch.zeros(1, 9, 80), 80, None, gen, print)
+
+
+def test_pbnet_pose(env: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("microscope_pl.models.pbnet")
+    from microscope_pl.modules.pbnet_module import PBNetModule
+
+    pbnet = PBNetModule(audio_dim=80, d_model=16, num_heads=2, num_layers=1, latent_dim=8)
+    ckpt = _save(pbnet, tmp_path / "pbnet.ckpt")
+    out = generate(env["diffusion"], "astronaut", env["speech"], tmp_path / "p.mp4", pbnet_checkpoint=str(ckpt),
+                   steps=1, progress=False, device="cpu", log=None)
+    assert out.is_file()

@@ -64,19 +64,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="peak memory and time of generation and of a training step, per case",
                        description="\n\n".join(__doc__.split("\n\n")[1:4]),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="frame sizes (default: %(default)s)")
-    p.add_argument("--frames", type=int, nargs="+", default=[200, 400, 800, 1600], help="clip lengths (default: %(default)s)")
+    d = " (default: %(default)s)"
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="frame sizes" + d)
+    p.add_argument("--frames", type=int, nargs="+", default=[200, 400, 800, 1600], help="clip lengths" + d)
     p.add_argument("--latents", nargs="+", choices=LATENTS, default=list(LATENTS),
-                   help="mdcf: 4 x H/32 (paper); fde: 3 x H/4 dynamics (DAWN-style baseline) (default: %(default)s)")
-    p.add_argument("--mem-cap-gb", type=float, default=20.0, help="memory cap per case (process RSS) (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=2, help="denoising steps actually run (scaled to sample_steps) (default: %(default)s)")
-    p.add_argument("--decode-sample-chunks", type=int, default=4, help="decoder chunks timed, then extrapolated (default: %(default)s)")
-    p.add_argument("--train-steps", type=int, default=2, help="training steps timed (the last one is reported) (default: %(default)s)")
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-time limit per case (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+                   help="mdcf: 4 x H/32 (paper); fde: 3 x H/4 dynamics (DAWN-style baseline)" + d)
+    p.add_argument("--mem-cap-gb", type=float, default=20.0, help="memory cap per case (process RSS)" + d)
+    p.add_argument("--steps", type=int, default=2, help="denoising steps actually run (scaled to sample_steps)" + d)
+    p.add_argument("--decode-sample-chunks", type=int, default=4,
+                   help="decoder chunks timed, then extrapolated" + d)
+    p.add_argument("--train-steps", type=int, default=2, help="training steps timed (the last one is reported)" + d)
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-time limit per case" + d)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto" + d)
     p.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     p.add_argument("--config-dir", default=None, help="where diffusion.yaml etc. live (default: the repo's configs/)")
-    p.add_argument("--out", default="reports/bench", help="folder for report.md, report.json, report.png (default: %(default)s)")
+    p.add_argument("--out", default="reports/bench", help="folder for report.md, report.json, report.png" + d)
     p.add_argument("--smoke", action="store_true", help="tiny widths, 64x64, frames 8 and 16, 1 step (seconds)")
     p.set_defaults(func=run_bench)
     bench.set_defaults(func=lambda args: _usage(bench))
@@ -521,7 +523,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         d, c, g = row["denoise"], row["decode"], row["generation"]
         lines.append(head + f" {_secs(d['per_step_s'])} | {_secs(d['per_step_s'] * steps)} | "
                      f"{_secs(c['projected_s'])} | {_secs(g['projected_s'])} | {_gb(d['peak_rss_gb'])} | "
-                     f"{_gb(c['peak_rss_gb'])} | {_gb(g['peak_rss_gb'])} |" + (f" {_gb(g['peak_gpu_gb'])} |" if gpu else ""))
+                     f"{_gb(c['peak_rss_gb'])} | {_gb(g['peak_rss_gb'])} |"
+                     + (f" {_gb(g['peak_gpu_gb'])} |" if gpu else ""))
     lines += ["", f"## Training step (batch 1, {settings['train_frames']}-frame clip: frozen codec encodes it, "
               "denoiser forward + backward + AdamW step; time of the last step)", "",
               "| latent | size | denoiser params | peak GB | s/step | frames/s |" + (" peak GPU GB |" if gpu else ""),

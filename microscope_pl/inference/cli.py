@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="portrait + speech -> talking-head video (mp4 with the speech muxed)",
         description="Generate a talking-head video: every frame is denoised at once by the latent diffusion "
                     "model, then decoded in chunks by the frozen MDCF and streamed to the output file.")
+    d = " (default: %(default)s)"
     p.add_argument("--checkpoint", default=None,
                    help="diffusion checkpoint (default: checkpoints/diffusion/best.ckpt, else last.ckpt)")
     p.add_argument("--image", required=True,
@@ -29,23 +30,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output video (.mp4, .mkv or .mov)")
     p.add_argument("--pbnet-checkpoint", default=None,
                    help="PBNet checkpoint for --pose pbnet (default: checkpoints/pbnet/{best,last}.ckpt)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (PBNet: seed + 1) (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (PBNet: seed + 1)" + d)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, 20)")
-    p.add_argument("--audio-scale", type=float, default=None, help="guidance scale of the audio condition (default: the checkpoint's)")
-    p.add_argument("--motion-scale", type=float, default=None, help="guidance scale of pose/blink (default: the checkpoint's)")
+    p.add_argument("--audio-scale", type=float, default=None,
+                   help="guidance scale of the audio condition (default: the checkpoint's)")
+    p.add_argument("--motion-scale", type=float, default=None,
+                   help="guidance scale of pose/blink (default: the checkpoint's)")
     p.add_argument("--resolution", type=int, default=None,
                    help="frame size; must equal the checkpoint's image_size (default: that size)")
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate (the models are trained at 25) (default: %(default)s)")
+    p.add_argument("--fps", type=float, default=25.0, help="frame rate (the models are trained at 25)" + d)
     p.add_argument("--pose", default="pbnet",
-                   help="pbnet (sampled from the audio), still (portrait pose, no blinks), or a .npy/.csv "
-                        "file of per-frame yaw, pitch, roll, scale, tx, ty, blink left, blink right (default: %(default)s)")
+                   help="pbnet (sampled from the audio), still (portrait pose, no blinks), or a .npy/.csv file of "
+                        "per-frame yaw, pitch, roll, scale, tx, ty, blink left, blink right" + d)
     p.add_argument("--reference-pose", choices=("first", "zero"), default="first",
                    help="first: the portrait has the pose of the track's first frame (subtracted); "
-                        "zero: the track already holds deltas relative to the portrait (default: %(default)s)")
+                        "zero: the track already holds deltas relative to the portrait" + d)
     p.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
-                   help="refuse longer audio (the whole clip is denoised at once) (default: %(default)s)")
-    p.add_argument("--decode-chunk", type=int, default=16, help="frames decoded at once (bounds decoder memory) (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+                   help="refuse longer audio (the whole clip is denoised at once)" + d)
+    p.add_argument("--decode-chunk", type=int, default=16, help="frames decoded at once (bounds decoder memory)" + d)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N" + d)
     p.add_argument("--audio-features", default=None,
                    help="audio features if the checkpoint does not say: logmel or hubert:<model id or dir>")
     p.add_argument("--no-face-crop", action="store_true", help="centre-crop the portrait instead of finding the face")

@@ -155,10 +155,12 @@ def crop_portrait(rgb: np.ndarray, size: int, face_crop: bool = True) -> tuple[n
     interp = cv2.INTER_AREA if side >= size else cv2.INTER_CUBIC
     out = cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=interp)
     h, w = rgb.shape[:2]
-    return np.ascontiguousarray(out, dtype=np.uint8), f"{how}: {side}x{side} at ({x0}, {y0}) of {w}x{h} -> {size}x{size}"
+    where = f"{side}x{side} at ({x0}, {y0}) of {w}x{h} -> {size}x{size}"
+    return np.ascontiguousarray(out, dtype=np.uint8), f"{how}: {where}"
 
 
-def load_portrait(path: str | Path, size: int, face_crop: bool = True, log: LogFn | None = print) -> "torch.Tensor":  # noqa: F821
+def load_portrait(path: str | Path, size: int, face_crop: bool = True,
+                  log: LogFn | None = print) -> "torch.Tensor":  # noqa: F821
     """Portrait file (or "astronaut") -> float tensor `3 size size` in [0, 1].
 
     Face-centred square crop when OpenCV finds a face, centre crop otherwise;

@@ -12,6 +12,9 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from microscope_pl.phases import count_parameters
 
+# Frozen upstream networks are in eval mode on purpose (phases.load_frozen).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
 
 class PhaseModule(LightningModule):
     """Base class; subclasses set `phase` and call `save_hyperparameters()`."""

@@ -127,7 +127,8 @@ class LMAEModule(PhaseModule):
         return {"in_channels": 3, "latent_channels": hp.latent_channels, "num_down": hp.num_down,
                 "base_channels": hp.base_channels, "channel_mult": hp.channel_mult,
                 "num_res_blocks": hp.num_res_blocks, "norm_groups": hp.norm_groups,
-                "mid_attention": hp.mid_attention, "output": "dynamics"}
+                "mid_attention": hp.mid_attention, "output": "dynamics",
+                "grid_mode": self.lmae.grid_mode, "flow_scale": self.lmae.flow_scale}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
