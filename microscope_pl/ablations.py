@@ -28,8 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import lightning
 import torch
 from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from microscope_pl.checkpointing import read_checkpoint
+from microscope_pl.data.datasets import ClipDataset
+from microscope_pl.metrics.common import MetricUnavailable
+from microscope_pl.metrics.flow_smoothness import flow_smoothness
+from microscope_pl.metrics.frechet import GaussianStats, InceptionFeatures, frechet_distance
+from microscope_pl.metrics.image import LPIPSMetric
+from microscope_pl.models.lmae import LMAE
+from microscope_pl.phases import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -147,9 +158,11 @@ class Plan:
     command: str = ""
 
     def minutes(self, v: Variant) -> float:
+        """The training budget of `v` in minutes."""
         return self.diffusion_budget if v.kind == "diffusion" else self.budget
 
     def folder(self, name: str) -> Path:
+        """`checkpoints/ablations/<name>` under the work dir."""
         return self.workdir / "checkpoints" / "ablations" / name
 
 
@@ -268,9 +281,6 @@ class Evaluator:
     def __init__(self, data_root: Path, settings: EvalSettings,
                  feature_net: Callable[[Tensor], Tensor] | None = None,
                  lpips: Callable[[Tensor, Tensor], float] | None = None) -> None:
-        from microscope_pl.metrics.frechet import InceptionFeatures
-        from microscope_pl.metrics.image import LPIPSMetric
-
         self.data_root, self.settings = data_root, settings
         self.skipped: dict[str, str] = {}
         device = settings.device
@@ -281,8 +291,6 @@ class Evaluator:
 
     def _optional(self, name: str, build: Callable[[], Any]) -> Any:
         """`build()`, or None with the reason recorded when its weights are missing."""
-        from microscope_pl.metrics.common import MetricUnavailable
-
         try:
             return build()
         except MetricUnavailable as err:
@@ -291,8 +299,6 @@ class Evaluator:
 
     def clips(self, image_size: int, per_video: int) -> ClipSet:
         """Deterministic test clips (first frame as reference) at `image_size`, cached."""
-        from microscope_pl.data.datasets import ClipDataset
-
         key = (image_size, per_video)
         if key not in self._sets:
             data = ClipDataset(self.data_root, "test", num_frames=self.settings.frames, reference="first",
@@ -307,11 +313,6 @@ class Evaluator:
 
     def score(self, clip_set: ClipSet, predictions: Iterable[Tensor]) -> Row:
         """PSNR/SSIM/LPIPS over frames, FID over pooled frames, FS error over clips."""
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-        from microscope_pl.metrics.flow_smoothness import flow_smoothness
-        from microscope_pl.metrics.frechet import GaussianStats, frechet_distance
-
         first = not clip_set.real_fs
         fake, real = GaussianStats(), clip_set.real_stats or GaussianStats()
         sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
@@ -378,8 +379,6 @@ def reconstruct(module: torch.nn.Module, kind: str, frames: Tensor, reference: T
 
 def evaluate_module(evaluator: Evaluator, v: Variant, module: torch.nn.Module) -> Row:
     """Metrics, latent shape and compression ratio (from shapes) of one trained variant."""
-    from microscope_pl.models.lmae import LMAE
-
     device = torch.device(evaluator.settings.device)
     module = module.to(device).eval()
     size = int(module.hparams.image_size)
@@ -413,9 +412,6 @@ def evaluate_module(evaluator: Evaluator, v: Variant, module: torch.nn.Module) -
 
 def evaluate_all(plan: Plan, records: dict[str, Row], settings: EvalSettings) -> tuple[dict[str, Row], dict[str, str]]:
     """Score each variant's checkpoint (best, or last for diffusion): a row per variant and the skipped metrics."""
-    from microscope_pl.checkpointing import read_checkpoint
-    from microscope_pl.phases import load_module
-
     evaluator = Evaluator(plan.data, settings)
     rows: dict[str, Row] = {}
     for v in plan.variants:
@@ -445,6 +441,7 @@ GEN_CELLS = (("fs_generated", 4), ("fs_ground_truth", 4), ("fs_error", 4), ("psn
 
 
 def _num(value: Any, digits: int) -> str:
+    """A number with `digits` decimals, or a dash when there is none."""
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "—"
 
 
@@ -453,15 +450,16 @@ def _cells(row: Row, spec: Iterable[tuple[str, int]]) -> list[str]:
     shape = "×".join(str(s) for s in row["latent_shape"]) if row.get("latent_shape") else "—"
     ratio = row.get("compression_ratio")
     ratio_text = "—" if ratio is None else f"{ratio:.0f}" if float(ratio).is_integer() else f"{ratio:.2f}"
-    return [shape, ratio_text, *(_num(row.get(k), d) for k, d in spec), _num(row.get("budget_minutes"), 1),
-            str(row.get("steps", "—"))]
+    budget = row.get("budget_minutes")
+    return [shape, ratio_text, *(_num(row.get(k), d) for k, d in spec),
+            f"{budget:g}" if isinstance(budget, (int, float)) else "—", str(row.get("steps", "—"))]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report in the paper's layout: reconstruction table (ours beside the paper's) and Figure 4b."""
     rows, meta = report["rows"], report["meta"]
     size = next((r["image_size"] for r in rows.values() if "image_size" in r), "?")
-    smoke = " (--smoke: every run stops after 2 training steps)" if meta.get("smoke") else ""
+    smoke = " (--smoke: every run stops after at most 2 training steps)" if meta.get("smoke") else ""
     lines = [
         "# MICROSCOPE ablations at small scale (paper Tables 2 and 5, Figure 4b)", "",
         f"- Date: {meta['date']}", f"- Command: `{meta['command']}`", f"- Machine: {meta['machine']}",
@@ -512,8 +510,6 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def machine_description(device: str) -> str:
     """CPU/GPU, core count and library versions, for the report header."""
-    import lightning
-
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if device.startswith("cuda") and torch.cuda.is_available() else ""
     return (f"{platform.platform()}, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
             f"{gpu}; evaluation on {device}; Python {platform.python_version()}, torch {torch.__version__}, "
@@ -532,6 +528,7 @@ def write_reports(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command-line options (see `--help`)."""
     p = argparse.ArgumentParser(prog="python -m microscope_pl.ablations", description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-minutes", type=float, default=7.0, help="training minutes per compression variant, "
                    "the same for all seven (default %(default)s)")
@@ -541,7 +538,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default data/synth; --smoke: a tiny set in the work dir)")
     p.add_argument("--out", help="markdown report, the JSON beside it (default WORKDIR/reports/ablations.md)")
     p.add_argument("--workdir", help="where checkpoints/ and logs/ go (default: here; --smoke: a temporary dir)")
-    p.add_argument("--smoke", action="store_true", help="64x64, tiny widths, 2 training steps per variant, "
+    p.add_argument("--smoke", action="store_true", help="64x64, tiny widths, at most 2 training steps per variant, "
                    "tiny data set, all in a temporary directory: checks the pipeline in about 2 minutes")
     p.add_argument("--only", nargs="+", metavar="VARIANT", choices=list(BY_NAME),
                    help="train and report only these (upstreams without a checkpoint are trained too)")
@@ -588,6 +585,7 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train, evaluate, report; 0 when every row has numbers, 1 when some have not, 2 on bad options."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     start = time.perf_counter()

@@ -137,4 +137,4 @@ def test_smoke_run_trains_every_variant_and_writes_the_report(synth_root: Path, 
                            "--only", "fde_d8", "--budget-minutes", "3", "--out", str(again)]) == 0
     rows = json.loads(again.with_suffix(".json").read_text())["rows"]
     assert list(rows) == ["fde_d8"] and rows["fde_d8"]["trained"] == "earlier run"
-    assert rows["fde_d8"]["budget_minutes"] == 7.0 and table_cells(again.read_text(), "FDE (d/8)")[9] == "7.0"
+    assert rows["fde_d8"]["budget_minutes"] == 7.0 and table_cells(again.read_text(), "FDE (d/8)")[9] == "7"

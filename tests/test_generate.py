@@ -224,3 +224,11 @@ def test_pbnet_pose(env: dict[str, Path], tmp_path: Path) -> None:
     out = generate(env["diffusion"], "astronaut", env["speech"], tmp_path / "p.mp4", pbnet_checkpoint=str(ckpt),
                    steps=1, progress=False, device="cpu", log=None)
     assert out.is_file()
+
+
+def test_demo_budgets_fit_the_plan() -> None:
+    from microscope_pl.demo import BUDGETS, max_time
+
+    assert sum(full for full, _ in BUDGETS.values()) <= 18.5  # + start-up, data, generation ~ 20 min
+    assert sum(quick for _, quick in BUDGETS.values()) <= 2.0
+    assert max_time(6) == "00:00:06:00" and max_time(0.4) == "00:00:00:24"

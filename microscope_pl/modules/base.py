@@ -56,14 +56,23 @@ class PhaseModule(LightningModule):
         self.print(f"[{self.phase}] parameters: {trainable:,} trainable, {frozen:,} frozen")
         if self.logger is not None:
             self.logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
-        self._check_data_size()
+        self._check_data()
 
-    def _check_data_size(self) -> None:
+    def _check_data(self) -> None:
+        """The data must match the model's image size and audio features."""
         data = getattr(self.trainer, "datamodule", None)
         size = getattr(data, "image_size", None) if data is not None else None
         ours = self.hparams.get("image_size")
         if size is not None and ours is not None and size != ours:
             raise ValueError(f"data.image_size is {size} but model.image_size is {ours}; set both to one value")
+        kind = self.hparams.get("audio_features")
+        root = getattr(data, "data_root", None)
+        if kind is not None and root is not None:
+            from microscope_pl.data.datasets import load_manifest
+
+            found = load_manifest(root).get("audio_features")
+            if found != kind:
+                raise ValueError(f"model.audio_features is {kind!r} but the data set {root} has {found!r}")
 
     # ---------------------------------------------------------------- metrics
     def image_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ class LatentDiffusionModule(PhaseModule):
         image_size: int = 128,
         latent: str = "mdcf",
         audio_dim: int = 80,
+        audio_features: str = "logmel",
         base_channels: int = 64,
         channel_mult: list[int] = [1, 2],  # noqa: B006 (jsonargparse needs a literal default)
         num_res_blocks: int = 1,
@@ -77,6 +78,8 @@ class LatentDiffusionModule(PhaseModule):
             image_size: frame size (square); must equal the upstream phases'.
             latent: "mdcf" (4 x H/32, paper) or "fde" (3 x H/4, DAWN-style baseline).
             audio_dim: per-frame audio feature width (80 log-mel, 1024 HuBERT).
+            audio_features: the data set's audio features ("logmel" or "hubert:<id or dir>"),
+                checked at fit start and used by `microscope generate`.
             base_channels: denoiser width of the first level.
             channel_mult: denoiser width multipliers per level.
             num_res_blocks: residual blocks per level.

@@ -52,6 +52,7 @@ class LMAEModule(PhaseModule):
         num_res_blocks: int = 1,
         norm_groups: int = 32,
         mid_attention: bool = True,
+        grid_mode: str = "absolute",
         sample_latent: bool = True,
         kl_weight: float = 1e-4,
         mse_weight: float = 1.0,
@@ -81,6 +82,7 @@ class LMAEModule(PhaseModule):
             num_res_blocks: residual blocks per LMAE level.
             norm_groups: GroupNorm groups in LMAE.
             mid_attention: self-attention at the lowest LMAE resolution.
+            grid_mode: decoded grid as "absolute" (tanh of the grid) or "offset" (identity + offset).
             sample_latent: train on z = mu + sigma * eps (eq. 4) rather than on mu.
             kl_weight: lambda_KL of eq. 9 (KL averaged over latent elements).
             mse_weight: lambda_MSE of eq. 9.
@@ -116,7 +118,7 @@ class LMAEModule(PhaseModule):
         self.lmae = LMAE(
             in_channels=3, latent_channels=latent_channels, num_down=num_down, base_channels=base_channels,
             channel_mult=channel_mult, num_res_blocks=num_res_blocks, norm_groups=norm_groups,
-            mid_attention=mid_attention, output="dynamics",
+            mid_attention=mid_attention, output="dynamics", grid_mode=grid_mode,
         )
         self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales,
                                       layer_weights=perceptual_layer_weights, l1_weight=l1_weight)

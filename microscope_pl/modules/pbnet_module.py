@@ -16,6 +16,7 @@ class PBNetModule(PhaseModule):
     def __init__(
         self,
         audio_dim: int = 80,
+        audio_features: str = "logmel",
         d_model: int = 128,
         num_heads: int = 4,
         num_layers: int = 2,
@@ -31,6 +32,8 @@ class PBNetModule(PhaseModule):
         """
         Args:
             audio_dim: per-frame audio feature width (80 log-mel, 1024 HuBERT).
+            audio_features: the data set's audio features ("logmel" or "hubert:<id or dir>"),
+                checked at fit start and used by `microscope generate`.
             d_model: transformer width.
             num_heads: attention heads.
             num_layers: encoder and decoder layers.
