@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -423,11 +424,12 @@ def evaluate_all(plan: Plan, records: dict[str, Row], settings: EvalSettings) ->
             start = time.perf_counter()
             print(f"[{v.name}] evaluating {ckpt}", flush=True)
             row["checkpoint"] = str(ckpt)
-            row["steps"] = int(read_checkpoint(ckpt).get("global_step", 0))
             try:
+                row["steps"] = int(read_checkpoint(ckpt).get("global_step", 0))
                 row.update(evaluate_module(evaluator, v, load_module(ckpt, v.phase)))
-            except (ValueError, RuntimeError) as err:  # one broken variant must not sink the report
-                row["status"] = f"evaluation failed: {err}"
+            except Exception as err:  # noqa: BLE001 (one broken variant must not sink the report)
+                traceback.print_exc()
+                row["status"] = f"evaluation failed: {type(err).__name__}: {err}"
             row["eval_seconds"] = round(time.perf_counter() - start, 1)
         rows[v.name] = row
     return rows, dict(evaluator.skipped)

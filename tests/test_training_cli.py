@@ -11,9 +11,10 @@ from microscope_pl.cli import main
 from helpers import REPO, SHORT_RUN, TINY_FDE, TINY_LMAE, data_args, fit
 
 
-def test_phase1_fast_dev_run(synth_root, tmp_path, monkeypatch):
+def test_phase1_fast_dev_run_with_equivariance(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert fit("phase1_fde.yaml", synth_root, *TINY_FDE, "--trainer.fast_dev_run", "1") == 0
+    extra = ["--model.init_args.equivariance_weight", "0.1", "--trainer.fast_dev_run", "1"]
+    assert fit("phase1_fde.yaml", synth_root, *TINY_FDE, *extra) == 0
 
 
 def test_phase1_writes_best_and_last(trained):

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from microscope_pl.models.fde import FDE
-from microscope_pl.models.perceptual import PerceptualLoss
+from microscope_pl.models.perceptual import EquivarianceLoss, PerceptualLoss
 from microscope_pl.models.visualize import flow_to_color, image_row
 from microscope_pl.modules.base import PhaseModule
 
@@ -44,6 +44,7 @@ class FDEModule(PhaseModule):
         perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125),
         perceptual_layer_weights: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0),
         l1_weight: float = 0.0,
+        equivariance_weight: float = 0.0,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         weight_decay: float = 0.0,
@@ -68,6 +69,7 @@ class FDEModule(PhaseModule):
             perceptual_scales: image-pyramid scales of the VGG loss.
             perceptual_layer_weights: L1 weights of relu1_1..relu5_1 (trailing zeros skip layers).
             l1_weight: weight of an extra pixel L1 term (0 = the paper's loss alone).
+            equivariance_weight: weight of MRAA's region-shift equivariance loss (0 = off).
             lr: Adam learning rate.
             betas: Adam betas.
             weight_decay: Adam weight decay.
@@ -80,6 +82,7 @@ class FDEModule(PhaseModule):
         if image_size % (downsample * 8) != 0:
             raise ValueError(f"image_size {image_size} must be a multiple of 8 * downsample = {8 * downsample}")
         self.fde = FDE(**self.fde_config())
+        self.equivariance = EquivarianceLoss() if equivariance_weight > 0 else None
         self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales,
                                       layer_weights=perceptual_layer_weights, l1_weight=l1_weight)
 
@@ -94,6 +97,10 @@ class FDEModule(PhaseModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self(batch["source"], batch["driving"])
         loss = self.loss_fn(out["frame"], batch["driving"])
+        if self.equivariance is not None:  # optional MRAA extra: region centres follow a random warp
+            equivariance = self.equivariance(lambda x: self.fde.regions(x)["shift"], batch["driving"], out["shift"])
+            self.log("train/equivariance", equivariance, batch_size=len(batch["source"]))
+            loss = loss + self.hparams.equivariance_weight * equivariance
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["source"]))
         return loss
 
