@@ -292,7 +292,34 @@ def run_generation(
     face_crop: bool = True,
     log: LogFn | None = None,
 ) -> GenerationReport:
-    """Generate a talking-head video; see :func:`generate` for the arguments.
+    """Generate a talking-head video.
+
+    Args:
+        checkpoint: a diffusion checkpoint (`checkpoints/diffusion/last.ckpt`); it
+            carries the frozen FDE + LMAE, so nothing else is needed but PBNet.
+        image: portrait file (PNG/JPEG/WebP/BMP) or "astronaut".
+        audio: speech, any file ffmpeg reads (also the audio of a video).
+        out: output video (.mp4, .mkv or .mov); written to a temporary name and
+            renamed when complete, so a failure never leaves a partial file.
+        pbnet_checkpoint: PBNet checkpoint; default checkpoints/pbnet/{best,last}.ckpt.
+        seed: seed of the diffusion noise (PBNet uses seed + 1).
+        steps: sampling steps; default the checkpoint's sample_steps (20).
+        audio_scale: classifier-free guidance scale of audio; default the checkpoint's.
+        motion_scale: guidance scale of pose/blink; default the checkpoint's.
+        resolution: must equal the checkpoint's image_size when given.
+        fps: output frame rate; N = round(duration * fps) frames.
+        pose: "pbnet" (sampled from the audio), "still" (the portrait's pose,
+            no blinks), or a .npy/.csv file of per-frame 6 pose + 2 blink values.
+        reference_pose: "first" (the portrait has the pose of the track's first
+            frame: subtract it) or "zero" (the track already holds deltas
+            relative to the portrait). Same result for pbnet and still.
+        decode_chunk: frames decoded at once by LMAE + FDE (bounds decoder memory).
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        progress: show rich progress bars for denoising and decoding.
+        max_seconds: refuse longer audio (the clip is denoised in one piece).
+        audio_features_kind: override the audio features ("logmel", "hubert:<id or dir>").
+        face_crop: crop around a detected face (else a centre crop).
+        log: receives progress notes and the timing line (None: silent).
 
     Returns a :class:`GenerationReport` with the path and the timings.
     """
@@ -367,63 +394,14 @@ def run_generation(
         total_s=decoded - start)
 
 
-def generate(
-    checkpoint: str | Path,
-    image: str | Path,
-    audio: str | Path,
-    out: str | Path,
-    *,
-    pbnet_checkpoint: str | None = None,
-    seed: int = 0,
-    steps: int | None = None,
-    audio_scale: float | None = None,
-    motion_scale: float | None = None,
-    resolution: int | None = None,
-    fps: float = TRAINED_FPS,
-    pose: str = "pbnet",
-    reference_pose: str = "first",
-    decode_chunk: int = 16,
-    device: str = "auto",
-    progress: bool = True,
-    max_seconds: float = DEFAULT_MAX_SECONDS,
-    audio_features_kind: str | None = None,
-    face_crop: bool = True,
-    log: LogFn | None = log_stderr,
-) -> Path:
+def generate(checkpoint: str | Path, image: str | Path, audio: str | Path, out: str | Path, *,
+             log: LogFn | None = log_stderr, **options: Any) -> Path:
     """Portrait + speech -> talking-head video file; returns its path.
 
-    Args:
-        checkpoint: a diffusion checkpoint (`checkpoints/diffusion/last.ckpt`); it
-            carries the frozen FDE + LMAE, so nothing else is needed but PBNet.
-        image: portrait file (PNG/JPEG/WebP/BMP) or "astronaut".
-        audio: speech, any file ffmpeg reads (also the audio of a video).
-        out: output video (.mp4, .mkv or .mov); written to a temporary name and
-            renamed when complete, so a failure never leaves a partial file.
-        pbnet_checkpoint: PBNet checkpoint; default checkpoints/pbnet/{best,last}.ckpt.
-        seed: seed of the diffusion noise (PBNet uses seed + 1).
-        steps: sampling steps; default the checkpoint's sample_steps (20).
-        audio_scale: classifier-free guidance scale of audio; default the checkpoint's.
-        motion_scale: guidance scale of pose/blink; default the checkpoint's.
-        resolution: must equal the checkpoint's image_size when given.
-        fps: output frame rate; N = round(duration * fps) frames.
-        pose: "pbnet" (sampled from the audio), "still" (the portrait's pose,
-            no blinks), or a .npy/.csv file of per-frame 6 pose + 2 blink values.
-        reference_pose: "first" (the portrait has the pose of the track's first
-            frame: subtract it) or "zero" (the track already holds deltas
-            relative to the portrait). Same result for pbnet and still.
-        decode_chunk: frames decoded at once by LMAE + FDE (bounds decoder memory).
-        device: "auto", "cpu", "cuda", "cuda:1", ...
-        progress: show rich progress bars for denoising and decoding.
-        max_seconds: refuse longer audio (the clip is denoised in one piece).
-        audio_features_kind: override the audio features ("logmel", "hubert:<id or dir>").
-        face_crop: crop around a detected face (else a centre crop).
-        log: receives progress notes and the timing line (None: silent).
+    The options are those of :func:`run_generation`; this wrapper also logs
+    the timing summary.
     """
-    report = run_generation(
-        checkpoint, image, audio, out, pbnet_checkpoint=pbnet_checkpoint, seed=seed, steps=steps,
-        audio_scale=audio_scale, motion_scale=motion_scale, resolution=resolution, fps=fps, pose=pose,
-        reference_pose=reference_pose, decode_chunk=decode_chunk, device=device, progress=progress,
-        max_seconds=max_seconds, audio_features_kind=audio_features_kind, face_crop=face_crop, log=log)
+    report = run_generation(checkpoint, image, audio, out, log=log, **options)
     if log is not None:
         log(report.summary())
     return report.path

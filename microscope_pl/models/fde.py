@@ -62,13 +62,19 @@ class FDE(nn.Module):
             DDP-safe) or ``"batch"`` (the baseline's BatchNorm).
         estimate_background: predict a global background affine as the
             (k+1)-th sparse motion; if False that motion is the identity.
+        source_skip: also blend the warped source *image* into the output,
+            ``m * A(x_src, f) + (1 - m) * D(...)`` at full resolution. Not in
+            the paper's eq. 5 (off by default); the small CPU configs turn it
+            on because a decoder trained for minutes cannot yet reproduce
+            source detail from features alone (measured: reconstructions
+            below the copy-the-source baseline without it).
     """
 
     def __init__(self, image_channels: int = 3, downsample: int = 4, block_expansion: int = 64,
                  max_features: int = 256, num_regions: int = 10, region_temperature: float = 0.1,
                  motion_block_expansion: int = 32, motion_max_features: int = 1024,
                  motion_num_blocks: int = 5, motion_scale: float = 0.25, num_res_blocks: int = 6,
-                 norm: str = "group", estimate_background: bool = True) -> None:
+                 norm: str = "group", estimate_background: bool = True, source_skip: bool = False) -> None:
         super().__init__()
         if downsample < 2 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
@@ -103,6 +109,7 @@ class FDE(nn.Module):
                                        for i in reversed(range(levels)))
         self.final = nn.Conv2d(chans[0], image_channels, 7, padding=3)
         self.feature_channels = chans
+        self.source_skip = source_skip
 
     @property
     def downsample(self) -> int:
@@ -164,12 +171,13 @@ class FDE(nn.Module):
 
         The list holds the skip feature of every level and, last, the
         bottleneck at ``H/d``; it is what ``decode`` expects and what the
-        inference loop caches once per source image.
+        inference loop caches once per source image. With ``source_skip`` the
+        source image itself comes first.
         """
         feats = [self.first(src)]
         for block in self.down_blocks:
             feats.append(block(feats[-1]))
-        return feats
+        return [src, *feats] if self.source_skip else feats
 
     def decode(self, features: list[Tensor], dynamics: Tensor) -> Tensor:
         """Render ``b 3 H W`` in [0, 1] from source features and ``[f; m]``.
@@ -194,6 +202,9 @@ class FDE(nn.Module):
                 raise ValueError(f"features batch {fb} != dynamics batch {db} "
                                  "(only features of batch 1 broadcast)")
             features = [f.expand(db, -1, -1, -1) for f in features]
+        image = None
+        if self.source_skip:
+            image, features = features[0], features[1:]
         if len(features) != len(self.up_blocks) + 1:
             raise ValueError(f"expected {len(self.up_blocks) + 1} feature maps from encode, "
                              f"got {len(features)}")
@@ -204,7 +215,11 @@ class FDE(nn.Module):
             out = block(out, skip.shape[-2:])
             m = resize_map(occ, skip.shape[-2:])
             out = m * warp(skip, grid) + (1.0 - m) * out
-        return torch.sigmoid(self.final(out))
+        frame = torch.sigmoid(self.final(out))
+        if image is not None:
+            m = resize_map(occ, frame.shape[-2:])
+            frame = m * warp(image, grid) + (1.0 - m) * frame
+        return frame
 
     # ----------------------------------------------------------------------
     # full stage-1 forward (eq. 5)

@@ -12,7 +12,7 @@ from microscope_pl.modules.base import PhaseModule
 
 FDE_NETWORK_ARGS = (
     "downsample", "block_expansion", "max_features", "num_regions", "motion_block_expansion",
-    "motion_max_features", "motion_num_blocks", "num_res_blocks", "norm",
+    "motion_max_features", "motion_num_blocks", "num_res_blocks", "norm", "source_skip",
 )
 
 
@@ -40,6 +40,7 @@ class FDEModule(PhaseModule):
         motion_num_blocks: int = 5,
         num_res_blocks: int = 6,
         norm: str = "group",
+        source_skip: bool = False,
         perceptual_weights: str = "imagenet",
         perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125),
         perceptual_layer_weights: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0),
@@ -64,6 +65,7 @@ class FDEModule(PhaseModule):
             motion_num_blocks: motion-network hourglass depth.
             num_res_blocks: residual blocks at the generator bottleneck.
             norm: "group" (DDP-safe, batch-size independent) or "batch".
+            source_skip: blend the warped source image into the output (not in eq. 5; see FDE).
             perceptual_weights: VGG19 weights: "imagenet" (local file or torchvision
                 download), a path to a state dict, or "random" (offline demo/tests only).
             perceptual_scales: image-pyramid scales of the VGG loss.

@@ -25,7 +25,7 @@ def fde_from_upstream(module: PhaseModule, phase: str, ckpt_path: str | None) ->
     ckpt, info = load_upstream(phase, ckpt_path)
     upstream_hp = ckpt.get("hyper_parameters", {})
     require_equal("image_size", module.hparams.image_size, upstream_hp.get("image_size"))
-    fde_config = upstream_hp.get("fde_config") or {k: upstream_hp[k] for k in FDE_NETWORK_ARGS}
+    fde_config = upstream_hp.get("fde_config") or {k: upstream_hp[k] for k in FDE_NETWORK_ARGS if k in upstream_hp}
     fde = load_frozen(FDE(**fde_config), sub_state_dict(ckpt, "fde"))
     module.hparams.fde_config = dict(fde_config)
     module.hparams.upstream = {phase: info}
