@@ -212,7 +212,32 @@ def _unit_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x
 
 
-class FID:
+class _FrechetMetric:
+    """Streams features of real and generated inputs into two Gaussians."""
+
+    def __init__(self, net: FeatureNet, device: str | torch.device, batch_size: int) -> None:
+        self.net = net
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.real = GaussianStats()
+        self.fake = GaussianStats()
+
+    def _add(self, x: torch.Tensor, real: bool) -> None:
+        stats = self.real if real else self.fake
+        for i in range(0, x.shape[0], self.batch_size):
+            stats.update(self.net(_unit_float(x[i : i + self.batch_size]).to(self.device)))
+
+    def compute(self) -> float:
+        """The Frechet distance between everything added so far."""
+        mu_r, s_r = self.real.compute()
+        mu_f, s_f = self.fake.compute()
+        return frechet_distance(mu_r, s_r, mu_f, s_f)
+
+    def reset(self) -> None:
+        self.real, self.fake = GaussianStats(), GaussianStats()
+
+
+class FID(_FrechetMetric):
     """Frechet Inception Distance over frames, accumulated in a stream.
 
     Args:
@@ -234,28 +259,13 @@ class FID:
         device: str | torch.device = "cpu",
         batch_size: int = 32,
     ) -> None:
-        self.net = feature_net if feature_net is not None else InceptionFeatures(weights, device)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.real = GaussianStats()
-        self.fake = GaussianStats()
+        super().__init__(feature_net if feature_net is not None else InceptionFeatures(weights, device),
+                         device, batch_size)
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, real: bool) -> None:
         """Add frames ``b 3 h w`` or ``b n 3 h w`` (float [0, 1] or uint8) to the real or generated side."""
-        x = images.flatten(0, 1) if images.ndim == 5 else images
-        stats = self.real if real else self.fake
-        for i in range(0, x.shape[0], self.batch_size):
-            stats.update(self.net(_unit_float(x[i : i + self.batch_size]).to(self.device)))
-
-    def compute(self) -> float:
-        """FID between everything added so far."""
-        mu_r, s_r = self.real.compute()
-        mu_f, s_f = self.fake.compute()
-        return frechet_distance(mu_r, s_r, mu_f, s_f)
-
-    def reset(self) -> None:
-        self.real, self.fake = GaussianStats(), GaussianStats()
+        self._add(images.flatten(0, 1) if images.ndim == 5 else images, real)
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor, feature_net: FeatureNet | None = None, **kwargs: object) -> float:
@@ -283,7 +293,7 @@ def video_clips(video: torch.Tensor, clip_len: int, stride: int | None = None) -
     return torch.stack([video[s : s + clip_len] for s in starts])
 
 
-class FVD:
+class FVD(_FrechetMetric):
     """Frechet Video Distance on clips of ``clip_len`` frames (FVD-16, FVD-32).
 
     Each video is cut into non-overlapping clips (``stride = clip_len`` unless
@@ -311,13 +321,10 @@ class FVD:
     ) -> None:
         if clip_len < 1:
             raise ValueError(f"clip_len must be >= 1, got {clip_len}")
-        self.net = feature_net if feature_net is not None else I3DFeatures(weights, device)
+        super().__init__(feature_net if feature_net is not None else I3DFeatures(weights, device),
+                         device, batch_size)
         self.clip_len = clip_len
         self.stride = stride
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.real = GaussianStats()
-        self.fake = GaussianStats()
 
     @torch.no_grad()
     def update(self, video: torch.Tensor, real: bool) -> None:
@@ -325,18 +332,7 @@ class FVD:
         clips = video if video.ndim == 5 else video_clips(video, self.clip_len, self.stride)
         if clips.ndim == 5 and clips.shape[1] != self.clip_len:
             clips = torch.cat([video_clips(v, self.clip_len, self.stride) for v in clips])
-        stats = self.real if real else self.fake
-        for i in range(0, clips.shape[0], self.batch_size):
-            stats.update(self.net(_unit_float(clips[i : i + self.batch_size]).to(self.device)))
-
-    def compute(self) -> float:
-        """FVD between everything added so far (needs >= 2 clips per side)."""
-        mu_r, s_r = self.real.compute()
-        mu_f, s_f = self.fake.compute()
-        return frechet_distance(mu_r, s_r, mu_f, s_f)
-
-    def reset(self) -> None:
-        self.real, self.fake = GaussianStats(), GaussianStats()
+        self._add(clips, real)  # needs >= 2 clips per side before compute()
 
 
 def build_fvd(clip_len: int = 16, **kwargs: object) -> tuple[FVD | None, str | None]:

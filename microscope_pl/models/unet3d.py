@@ -53,6 +53,7 @@ from microscope_pl.models.attention import (
     TemporalAttention,
     group_count,
 )
+from microscope_pl.models.lmae import Downsample  # stride-2 3x3 conv, per frame here: (b n) c h w
 
 __all__ = ["ConditionEncoder", "ResBlock", "UNet3D", "timestep_embedding"]
 
@@ -198,17 +199,6 @@ class ResBlock(nn.Module):
             t = rearrange(F.silu(self.tnorm(h)), "(b n) c h w -> b c n h w", b=ctx.b)
             h = h + rearrange(self.tconv(t), "b c n h w -> (b n) c h w")
         return h
-
-
-class Downsample(nn.Module):
-    """Strided 3x3 conv, spatial only: ``(b n) c h w -> (b n) c ceil(h/2) ceil(w/2)``."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
 
 
 class Upsample(nn.Module):
