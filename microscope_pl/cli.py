@@ -1,13 +1,14 @@
 """The `microscope` command.
 
 `fit`, `validate`, `test` and `predict` go to LightningCLI (configs under
-`configs/`); everything else (`data`, `run`, `generate`, `eval`, `bench`,
-`latents`) is a plain argparse subcommand. Errors a user can fix print one
+`configs/`); everything else (`data`, `run`, `generate`, `eval`, `bench`)
+is a plain argparse subcommand. Errors a user can fix print one
 line and exit 2; set MICROSCOPE_DEBUG=1 for the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -65,19 +66,6 @@ def _lightning_cli(argv: list[str] | None) -> int:
     return 0
 
 
-def _register_optional(sub: argparse._SubParsersAction, module: str) -> None:
-    """Each feature package registers its own subcommands (`register(sub)`)."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("microscope_pl"):
-            return  # feature not built yet
-        raise
-    mod.register(sub)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="microscope",
@@ -95,14 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to every `fit`, after --")
     run.set_defaults(func=_run_phases)
 
-    for module in (
+    for module in (  # each feature package registers its own subcommands
         "microscope_pl.data.cli",
         "microscope_pl.metrics.evaluate",
         "microscope_pl.inference.cli",
         "microscope_pl.inference.bench",
-        "microscope_pl.modules.latent_cache",
     ):
-        _register_optional(sub, module)
+        importlib.import_module(module).register(sub)
     return parser
 
 
