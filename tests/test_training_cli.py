@@ -1,9 +1,7 @@
 """CLI smoke tests of phases 1 and 2: fit, resume, test, frozen upstream."""
 from __future__ import annotations
 
-from pathlib import Path
 
-import pytest
 import torch
 
 from microscope_pl.cli import main

@@ -21,6 +21,21 @@ class PhaseModule(LightningModule):
 
     phase: str = ""
 
+    # ------------------------------------------------------------ steps
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """One loss/metrics pass for `stage` ("train", "val", "test"); modules
+        whose stages share it implement this instead of the three hooks."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["microscope_phase"] = self.phase

@@ -73,15 +73,6 @@ class PBNetModule(PhaseModule):
                       sync_dist=stage != "train", batch_size=len(target))
         return terms["loss"]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
     @torch.no_grad()
     def sample(self, audio: torch.Tensor, generator: torch.Generator | None = None,
                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
