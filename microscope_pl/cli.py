@@ -1,7 +1,7 @@
 """The `microscope` command.
 
 `fit`, `validate`, `test` and `predict` go to LightningCLI (configs under
-`configs/`); everything else (`data`, `run`, `generate`, `eval`, `bench`)
+`configs/`); everything else (`data`, `latents`, `run`, `generate`, `eval`, `bench`)
 is a plain argparse subcommand. Errors a user can fix print one
 line and exit 2; set MICROSCOPE_DEBUG=1 for the traceback.
 """
@@ -18,9 +18,12 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from microscope_pl.checkpointing import CheckpointError
 
-    return (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+    return (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+            MisconfigurationException)
 
 
 def _lightning_cli(argv: list[str] | None) -> int:
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in (  # each feature package registers its own subcommands
         "microscope_pl.data.cli",
+        "microscope_pl.data.latent_cache",
         "microscope_pl.metrics.evaluate",
         "microscope_pl.inference.cli",
         "microscope_pl.inference.bench",

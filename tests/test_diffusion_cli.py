@@ -39,6 +39,17 @@ def test_diffusion_fit_records_upstream_and_freezes_mdcf(diffusion_ckpt, trained
     assert float(ckpt["state_dict"]["codec.scale"]) != 1.0  # calibrated on the first batch
 
 
+def test_diffusion_validation_logs_a_video(diffusion_ckpt, trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (trained / "logs/diffusion").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["images"])
+    assert "val/video_generated|ground_truth" in tags and "val/generated_over_ground_truth" in tags
+
+
 def test_diffusion_test_reports_sync_and_fs(diffusion_ckpt, trained, synth_root, monkeypatch, capsys):
     monkeypatch.chdir(trained)
     code = main(["test", "--config", str(REPO / "configs/diffusion.yaml"), *data_args(synth_root), *TINY_UNET, *CLIPS,

@@ -104,6 +104,23 @@ def test_gradients_reach_every_parameter() -> None:
     assert dead() == []
 
 
+def test_flow_refinement_starts_at_the_region_mixture_near_identity() -> None:
+    src, dri = smooth_images(2, 64, 1), smooth_images(2, 64, 2)
+    plain, refined = tiny_fde(seed=3), tiny_fde(seed=3, flow_refinement=True)
+    out = refined.motion(src, dri)
+    # background first: most weight on the (identity) background motion at initialisation
+    assert out["mask"][:, -1].mean() > 0.8
+    assert (out["dynamics"][:, :2] - identity_grid(2, 16, 16)).abs().mean() < 0.05
+    # the residual head starts at zero: the flow is exactly the mixture of sparse motions
+    mixture = torch.einsum("bkhw,bkchw->bchw", out["mask"], out["sparse"])
+    torch.testing.assert_close(out["dynamics"][:, :2], resize_grid(mixture, (16, 16)).clamp(-1, 1))
+    assert refined.flow_predictor.residual is not None and plain.flow_predictor.residual is None
+    (refined(src, dri)["frame"] - dri).abs().mean().backward()
+    assert refined.flow_predictor.residual.weight.grad.abs().sum() > 0  # and it learns
+    with pytest.raises(ValueError, match="driving image"):
+        refined.flow_predictor(src[:, :, :16, :16], {}, {}, None)
+
+
 def test_determinism() -> None:
     src, dri = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
     a = tiny_fde(seed=3)(src, dri)

@@ -121,6 +121,28 @@ def test_options() -> None:
         small(x, y)
 
 
+def test_l1_pyramid_sees_displacements_beyond_a_pixel() -> None:
+    # a blob shifted by 6 px: at full resolution the warp's gradient w.r.t. the
+    # shift is (almost) blind to it; the coarse scales of the pyramid see it
+    from microscope_pl.models.fde import identity_grid, warp
+
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    blob = lambda cx: torch.exp(-((xx - cx) ** 2 + (yy - 32) ** 2) / 8.0).expand(1, 3, 64, 64)  # noqa: E731
+    target, source = blob(38.0), blob(32.0)
+    full = PerceptualLoss("random", layer_weights=(0.0,), l1_weight=1.0)
+    pyramid = PerceptualLoss("random", layer_weights=(0.0,), l1_weight=1.0, l1_scales=(1.0, 0.5, 0.25, 0.125))
+    grads = []
+    for loss in (full, pyramid):
+        shift = torch.zeros(1, requires_grad=True)  # grid x offset, normalised units
+        grid = identity_grid(1, 64, 64) - torch.stack([shift, torch.zeros(1)]).view(1, 2, 1, 1)
+        loss(warp(source, grid), target).backward()
+        grads.append(shift.grad.item())
+    # a positive shift moves the content right, towards the target: the gradient is negative
+    assert grads[1] < 0 and abs(grads[1]) > 4 * abs(grads[0])
+    with pytest.raises(ValueError, match="l1_scales"):
+        PerceptualLoss("random", layer_weights=(0.0,), l1_scales=())
+
+
 def test_equivariance_loss() -> None:
     torch.manual_seed(0)
     fde = FDE(block_expansion=8, max_features=16, motion_block_expansion=8, motion_max_features=16,

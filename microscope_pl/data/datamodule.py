@@ -41,6 +41,7 @@ class TalkingHeadDataModule(pl.LightningDataModule):
         synth_seconds: float = 4.0,
         synth_size: int = 128,
         synth_seed: int = 0,
+        latent_cache: str | None = None,
     ) -> None:
         """
         Args:
@@ -60,6 +61,8 @@ class TalkingHeadDataModule(pl.LightningDataModule):
             synth_seconds: length of each synthetic video in seconds.
             synth_size: frame size of the synthetic videos.
             synth_seed: seed of the synthetic data set.
+            latent_cache: a file from `microscope latents cache`; training clips then carry
+                cached latents instead of frames (mode "clips", train split only).
         """
         super().__init__()
         if mode not in MODES:
@@ -75,6 +78,8 @@ class TalkingHeadDataModule(pl.LightningDataModule):
             raise ValueError(f"samples_per_video={samples_per_video} and val_samples={val_samples} must be >= 1")
         if image_size is not None and image_size < 8:
             raise ValueError(f"image_size must be >= 8 or None, got {image_size}")
+        if latent_cache and mode != "clips":
+            raise ValueError(f"latent_cache needs mode 'clips', got mode {mode!r}")
         synth_frames = int(round(synth_seconds * 25))
         if mode == "clips" and synthesize_if_missing and num_frames > synth_frames:
             raise ValueError(f"num_frames={num_frames} is longer than the synthetic videos "
@@ -94,6 +99,8 @@ class TalkingHeadDataModule(pl.LightningDataModule):
         self.synthesize_if_missing = synthesize_if_missing
         self.synth_args = {"videos": synth_videos, "seconds": synth_seconds, "size": synth_size,
                            "seed": synth_seed}
+        self.latent_cache = latent_cache
+        self.cache: dict | None = None  # the loaded latent cache
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -121,8 +128,15 @@ class TalkingHeadDataModule(pl.LightningDataModule):
             return FramePairDataset(self.data_root, split, self.image_size, augment=False,
                                     samples_per_video=per_video, cache_mb=self.cache_mb)
         per_video = self.samples_per_video if split == "train" else self._eval_per_video()
+        latents = None
+        if split == "train" and self.latent_cache:
+            if self.cache is None:
+                from microscope_pl.data.latent_cache import load_cache
+
+                self.cache = load_cache(self.latent_cache)
+            latents = self.cache["videos"]
         return ClipDataset(self.data_root, split, self.num_frames, self.reference, self.image_size,
-                           samples_per_video=per_video, cache_mb=self.cache_mb)
+                           samples_per_video=per_video, cache_mb=self.cache_mb, latents=latents)
 
     def _eval_per_video(self) -> int:
         videos = len(load_manifest(self.data_root)["test"])

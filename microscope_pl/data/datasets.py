@@ -231,10 +231,16 @@ class ClipDataset(_VideoDataset):
     ``ref_index`` and ``start`` are frame indices in the video; pose and blink
     are deltas from the reference frame's values. ``reference="first"`` uses the
     clip's first frame, ``"random"`` any frame of the video.
+
+    With ``latents`` (the "videos" of a ``latent_cache`` file) the clip's frames
+    are not decoded: items carry ``latent_mean`` (and ``latent_logvar``) ``n c h w``
+    instead of ``frames``, and the reference is one of the cached reference
+    frames ("first": the clip starts at it; "random": any clip, any of them).
     """
 
     def __init__(self, root: str | Path, split: str, num_frames: int = 20, reference: str = "first",
-                 image_size: int | None = None, samples_per_video: int = 10, cache_mb: float = 256.0) -> None:
+                 image_size: int | None = None, samples_per_video: int = 10, cache_mb: float = 256.0,
+                 latents: dict[str, dict[str, Any]] | None = None) -> None:
         if reference not in ("first", "random"):
             raise ValueError(f"reference must be 'first' or 'random', got {reference!r}")
         if num_frames < 1:
@@ -243,6 +249,15 @@ class ClipDataset(_VideoDataset):
         self.num_frames = num_frames
         self.reference = reference
         self.audio_dim = int(self.manifest["audio_dim"])
+        self.latents = latents
+        if latents is not None:
+            missing = [n for n in self.names if n not in latents]
+            if missing:
+                raise ValueError(f"the latent cache lacks {len(missing)} {split} videos of {self.root} "
+                                 f"(e.g. {missing[0]}); rebuild it for this data set")
+            stale = [n for n in self.names if int(latents[n]["frames"]) != self.frame_counts[n]]
+            if stale:
+                raise ValueError(f"the latent cache has another frame count for {stale[0]}; rebuild it")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
@@ -250,17 +265,23 @@ class ClipDataset(_VideoDataset):
         name = self.names[index // self.samples_per_video]
         count, n = self.frame_counts[name], self.num_frames
         gen = self._generator(index)
-        start = self._randint(count - n + 1, gen)
-        ref = start if self.reference == "first" else self._randint(count, gen)
-        images = self._images(self.store.frames(name, list(range(start, start + n)) + [ref]))
+        cached: dict[str, torch.Tensor] = {}
+        if self.latents is not None:
+            start, ref, cached = self._cached_clip(name, count, gen)
+            images = self._images(self.store.frames(name, [ref]))
+        else:
+            start = self._randint(count - n + 1, gen)
+            ref = start if self.reference == "first" else self._randint(count, gen)
+            images = self._images(self.store.frames(name, list(range(start, start + n)) + [ref]))
+            cached = {"frames": images[:n]}
         arrays = self.store.arrays(name, count)
         span = slice(start, start + n)
         if arrays["audio"].shape[0] != count or arrays["pose"].shape[0] != count:
             raise ValueError(f"{self.root / 'videos' / name}: per-frame arrays have "
                              f"{arrays['audio'].shape[0]}/{arrays['pose'].shape[0]} rows but the video {count} frames")
         return {
-            "frames": images[:n],
-            "reference": images[n],
+            **cached,
+            "reference": images[-1],
             "audio": torch.from_numpy(arrays["audio"][span].copy()),
             "pose": torch.from_numpy(arrays["pose"][span] - arrays["pose"][ref]),
             "blink": torch.from_numpy(arrays["blink"][span] - arrays["blink"][ref]),
@@ -270,6 +291,22 @@ class ClipDataset(_VideoDataset):
             "name": name,
             "mouth_box": self._mouth_box(name),
         }
+
+    def _cached_clip(self, name: str, count: int, gen: torch.Generator | None
+                     ) -> tuple[int, int, dict[str, torch.Tensor]]:
+        """(start, reference index, cached latent statistics ``n c h w``) of one clip."""
+        entry, n = self.latents[name], self.num_frames
+        refs = entry["ref_indices"].tolist()
+        if self.reference == "first":  # frame 0 is always cached, so one fits
+            choices = [i for i, r in enumerate(refs) if r <= count - n]
+            slot = choices[self._randint(len(choices), gen)]
+            start = refs[slot]
+        else:
+            slot, start = self._randint(len(refs), gen), self._randint(count - n + 1, gen)
+        out = {"latent_mean": entry["mean"][slot, start:start + n].float()}
+        if "logvar" in entry:
+            out["latent_logvar"] = entry["logvar"][slot, start:start + n].float()
+        return start, refs[slot], out
 
     def _mouth_box(self, name: str) -> torch.Tensor:
         """``4`` (x0, y0, x1, y1) in model pixels, or -1s when the data set has none."""

@@ -68,13 +68,18 @@ class FDE(nn.Module):
             on because a decoder trained for minutes cannot yet reproduce
             source detail from features alone (measured: reconstructions
             below the copy-the-source baseline without it).
+        flow_refinement: the pixelwise flow predictor also sees the driving
+            image and adds a dense residual flow to the region mixture (not in
+            MRAA; see ``PixelwiseFlowPredictor``). Off by default; the CPU
+            configs turn it on because regions alone learn little in minutes.
     """
 
     def __init__(self, image_channels: int = 3, downsample: int = 4, block_expansion: int = 64,
                  max_features: int = 256, num_regions: int = 10, region_temperature: float = 0.1,
                  motion_block_expansion: int = 32, motion_max_features: int = 1024,
                  motion_num_blocks: int = 5, motion_scale: float = 0.25, num_res_blocks: int = 6,
-                 norm: str = "group", estimate_background: bool = True, source_skip: bool = False) -> None:
+                 norm: str = "group", estimate_background: bool = True, source_skip: bool = False,
+                 flow_refinement: bool = False) -> None:
         super().__init__()
         if downsample < 2 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
@@ -96,7 +101,7 @@ class FDE(nn.Module):
                              if estimate_background else None)
         self.flow_predictor = PixelwiseFlowPredictor(
             image_channels, num_regions, motion_block_expansion, motion_max_features,
-            motion_num_blocks, norm)
+            motion_num_blocks, norm, refine=flow_refinement)
 
         # ---- generator: encoder E, decoder D ----
         levels = int(math.log2(downsample))
@@ -143,7 +148,7 @@ class FDE(nn.Module):
         reg_src = {key: v[:b] for key, v in reg.items()}
         reg_dri = {key: v[b:] for key, v in reg.items()}
         bg = self.bg_predictor(small[:b], small[b:]) if self.bg_predictor is not None else None
-        out = self.flow_predictor(small[:b], reg_src, reg_dri, bg)
+        out = self.flow_predictor(small[:b], reg_src, reg_dri, bg, small[b:])
         target = (hh // self._downsample, ww // self._downsample)
         # clamp: with border padding, coordinates beyond [-1, 1] sample the same
         # edge pixels, so clamping is lossless and gives the interface's range

@@ -46,27 +46,40 @@ class DynamicsCodec(nn.Module):
 
     # ---------------------------------------------------------------- encode
     @torch.no_grad()
-    def encode_raw(self, reference: Tensor, frames: Tensor, chunk: int = 32) -> Tensor:
-        """Unscaled latents: reference `b 3 H W`, frames `b n 3 H W` -> `b c n h w`."""
+    def encode_stats(self, reference: Tensor, frames: Tensor, chunk: int = 32) -> tuple[Tensor, Tensor | None]:
+        """Raw latent statistics: reference `b 3 H W`, frames `b n 3 H W` ->
+        (mean `b c n h w`, log-variance `b c n h w` or None for the baseline)."""
         b, n = frames.shape[:2]
         flat = rearrange(frames, "b n c h w -> (b n) c h w")
         ref = reference.repeat_interleave(n, dim=0)
-        parts = []
+        means, logvars = [], []
         for start in range(0, b * n, chunk):
             dyn = self.fde.dynamics(ref[start:start + chunk], flat[start:start + chunk])
-            parts.append(self._dynamics_to_latent(dyn))
-        return rearrange(torch.cat(parts), "(b n) c h w -> b c n h w", b=b)
+            if self.lmae is None:  # centre the baseline: displacement from identity, occlusion in [-1, 1]
+                grid = identity_grid(dyn.shape[-2], dyn.shape[-1], dyn.device, dyn.dtype)
+                means.append(torch.cat([dyn[:, :2] - grid, dyn[:, 2:] * 2 - 1], dim=1))
+            else:
+                mu, logvar = self.lmae.encode(dyn)
+                means.append(mu)
+                logvars.append(logvar)
+        mean = rearrange(torch.cat(means), "(b n) c h w -> b c n h w", b=b)
+        logvar = rearrange(torch.cat(logvars), "(b n) c h w -> b c n h w", b=b) if logvars else None
+        return mean, logvar
+
+    def latent_from_stats(self, mean: Tensor, logvar: Tensor | None) -> Tensor:
+        """The unscaled latent: the mean, or a sample of eq. 4 when `latent_source` is "sample"."""
+        if self.latent_source == "sample" and logvar is not None:
+            return LMAE.sample(mean, logvar)
+        return mean
+
+    @torch.no_grad()
+    def encode_raw(self, reference: Tensor, frames: Tensor, chunk: int = 32) -> Tensor:
+        """Unscaled latents: reference `b 3 H W`, frames `b n 3 H W` -> `b c n h w`."""
+        return self.latent_from_stats(*self.encode_stats(reference, frames, chunk))
 
     def encode(self, reference: Tensor, frames: Tensor, chunk: int = 32) -> Tensor:
         """Normalised latents `b c n h w` for the diffusion model."""
         return self.encode_raw(reference, frames, chunk) * self.scale
-
-    def _dynamics_to_latent(self, dyn: Tensor) -> Tensor:
-        if self.lmae is None:  # centre the baseline: displacement from identity, occlusion in [-1, 1]
-            grid = identity_grid(dyn.shape[-2], dyn.shape[-1], dyn.device, dyn.dtype)
-            return torch.cat([dyn[:, :2] - grid, dyn[:, 2:] * 2 - 1], dim=1)
-        mu, logvar = self.lmae.encode(dyn)
-        return LMAE.sample(mu, logvar) if self.latent_source == "sample" else mu
 
     @torch.no_grad()
     def calibrate(self, raw: Tensor) -> float:

@@ -201,8 +201,11 @@ class PerceptualLoss(nn.Module):
         layer_weights: weights of relu1_1..relu5_1 (default 10 each, the
             baseline's). Trailing zeros drop the deeper layers entirely
             (not computed), e.g. ``(10, 10, 10, 0, 0)``.
-        l1_weight: weight of an extra pixel L1 term at full resolution (0 =
-            the paper's loss).
+        l1_weight: weight of an extra pixel L1 term (0 = the paper's loss).
+        l1_scales: pyramid scales of that L1 term, each weighted ``l1_weight``
+            (default: full resolution only). Coarse scales widen the reach of
+            the warp's gradient: on a 1/8 image an 8 px displacement is 1 px,
+            where bilinear sampling still sees it.
         seed: seed of the ``"random"`` weights.
 
     Per layer the L1 distance is the mean over all elements. The target's
@@ -215,8 +218,10 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, weights: str = "imagenet", scales: Sequence[float] = (1.0, 0.5, 0.25, 0.125),
                  layer_weights: Sequence[float] = (10.0, 10.0, 10.0, 10.0, 10.0),
-                 l1_weight: float = 0.0, seed: int = 0) -> None:
+                 l1_weight: float = 0.0, l1_scales: Sequence[float] = (1.0,), seed: int = 0) -> None:
         super().__init__()
+        if not l1_scales or any(not 0 < s <= 1 for s in l1_scales):
+            raise ValueError(f"l1_scales must be non-empty and in (0, 1], got {list(l1_scales)}")
         layer_weights = [float(w) for w in layer_weights]
         if not 1 <= len(layer_weights) <= 5:
             raise ValueError(f"layer_weights needs 1..5 entries, got {len(layer_weights)}")
@@ -227,6 +232,7 @@ class PerceptualLoss(nn.Module):
         self.layer_weights = layer_weights
         self.scales = [float(s) for s in scales]
         self.l1_weight = float(l1_weight)
+        self.l1_scales = [float(s) for s in l1_scales]
         backbone = VGG19Features(weights, num_layers=max(1, len(layer_weights)), seed=seed) \
             if layer_weights else None
         # plain attribute, not a submodule: excluded from state_dict/parameters
@@ -244,11 +250,12 @@ class PerceptualLoss(nn.Module):
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
         loss = pred.new_zeros(())
-        if self.l1_weight:
-            loss = loss + self.l1_weight * (pred - target).abs().mean()
+        h, w = pred.shape[-2:]
+        for s in self.l1_scales if self.l1_weight else ():
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            loss = loss + self.l1_weight * (antialias_resize(pred, size) - antialias_resize(target, size)).abs().mean()
         if self.backbone is None:
             return loss
-        h, w = pred.shape[-2:]
         min_side = 2 ** (len(self.layer_weights) - 1)
         for s in self.scales:
             size = (max(1, round(h * s)), max(1, round(w * s)))

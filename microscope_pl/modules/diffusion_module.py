@@ -16,7 +16,7 @@ from microscope_pl.models.lmae import LMAE
 from microscope_pl.models.mdcf import DynamicsCodec, ImageCondition
 from microscope_pl.models.unet3d import UNet3D
 from microscope_pl.modules.base import PhaseModule
-from microscope_pl.modules.fde_module import log_images
+from microscope_pl.modules.media import log_images, log_video
 from microscope_pl.modules.lmae_module import fde_from_upstream
 from microscope_pl.phases import load_frozen, sub_state_dict
 
@@ -177,13 +177,30 @@ class LatentDiffusionModule(PhaseModule):
         return loss
 
     def _latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not bool(self.calibrated):
+        """Normalised latents `b c n h w`: from `latents cache` statistics when the
+        batch carries them, else encoded online by the frozen MDCF."""
+        if "latent_mean" in batch:
+            raw = self.codec.latent_from_stats(batch["latent_mean"], batch.get("latent_logvar"))
+            raw = rearrange(raw, "b n c h w -> b c n h w")
+        else:
             raw = self.codec.encode_raw(batch["reference"], batch["frames"])
+        if not bool(self.calibrated):
             std = self.trainer.strategy.reduce(raw.float().std(), reduce_op="mean") if self._trainer else raw.std()
             self.codec.scale.fill_(1.0 / float(std.clamp_min(1e-6)))
             self.calibrated.fill_(True)
             self.print(f"[diffusion] latent scale calibrated: {float(self.codec.scale):.4f}")
-        return self.codec.encode(batch["reference"], batch["frames"])
+        return raw * self.codec.scale
+
+    def _check_data(self) -> None:
+        super()._check_data()
+        data = getattr(self.trainer, "datamodule", None)
+        path = getattr(data, "latent_cache", None)
+        if path:
+            from microscope_pl.data.latent_cache import check_cache, load_cache
+
+            cache = data.cache if data.cache is not None else load_cache(path)
+            upstream = (self.hparams.upstream or {}).get(cache["upstream"]["phase"], {})
+            check_cache(cache, self.hparams.latent, self.hparams.image_size, upstream.get("sha256"), path)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         decay = self.hparams.ema_decay if self.global_step > self.hparams.warmup_steps else 0.0
@@ -255,6 +272,8 @@ class LatentDiffusionModule(PhaseModule):
             gen_row = rearrange(clip[0, ::stride], "n c h w -> c h (n w)")
             gt_row = rearrange(batch["frames"][0, ::stride], "n c h w -> c h (n w)")
             log_images(self, "val/generated_over_ground_truth", torch.cat([gen_row, gt_row], dim=1))
+            side_by_side = torch.cat([clip[0], batch["frames"][0].to(clip)], dim=-1)  # n 3 H 2W
+            log_video(self, "val/video_generated|ground_truth", side_by_side)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         from microscope_pl.modules.diffusion_eval import clip_metrics

@@ -9,18 +9,12 @@ from microscope_pl.models.fde import FDE
 from microscope_pl.models.perceptual import EquivarianceLoss, PerceptualLoss
 from microscope_pl.models.visualize import flow_to_color, image_row
 from microscope_pl.modules.base import PhaseModule
+from microscope_pl.modules.media import log_images
 
 FDE_NETWORK_ARGS = (
     "downsample", "block_expansion", "max_features", "num_regions", "motion_block_expansion",
-    "motion_max_features", "motion_num_blocks", "num_res_blocks", "norm", "source_skip",
+    "motion_max_features", "motion_num_blocks", "num_res_blocks", "norm", "source_skip", "flow_refinement",
 )
-
-
-def log_images(module: PhaseModule, tag: str, row: torch.Tensor) -> None:
-    """Add a 3 H W image to TensorBoard when that logger is in use."""
-    experiment = getattr(module.logger, "experiment", None)
-    if experiment is not None and hasattr(experiment, "add_image"):
-        experiment.add_image(tag, row.clamp(0, 1).cpu(), module.global_step)
 
 
 class FDEModule(PhaseModule):
@@ -41,10 +35,12 @@ class FDEModule(PhaseModule):
         num_res_blocks: int = 6,
         norm: str = "group",
         source_skip: bool = False,
+        flow_refinement: bool = False,
         perceptual_weights: str = "imagenet",
         perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125),
         perceptual_layer_weights: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0),
         l1_weight: float = 0.0,
+        l1_scales: tuple[float, ...] = (1.0,),
         equivariance_weight: float = 0.0,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
@@ -66,11 +62,13 @@ class FDEModule(PhaseModule):
             num_res_blocks: residual blocks at the generator bottleneck.
             norm: "group" (DDP-safe, batch-size independent) or "batch".
             source_skip: blend the warped source image into the output (not in eq. 5; see FDE).
+            flow_refinement: dense residual flow from the driving image (not in MRAA; see FDE).
             perceptual_weights: VGG19 weights: "imagenet" (local file or torchvision
                 download), a path to a state dict, or "random" (offline demo/tests only).
             perceptual_scales: image-pyramid scales of the VGG loss.
             perceptual_layer_weights: L1 weights of relu1_1..relu5_1 (trailing zeros skip layers).
             l1_weight: weight of an extra pixel L1 term (0 = the paper's loss alone).
+            l1_scales: pyramid scales of the pixel L1 term.
             equivariance_weight: weight of MRAA's region-shift equivariance loss (0 = off).
             lr: Adam learning rate.
             betas: Adam betas.
@@ -86,7 +84,8 @@ class FDEModule(PhaseModule):
         self.fde = FDE(**self.fde_config())
         self.equivariance = EquivarianceLoss() if equivariance_weight > 0 else None
         self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales,
-                                      layer_weights=perceptual_layer_weights, l1_weight=l1_weight)
+                                      layer_weights=perceptual_layer_weights, l1_weight=l1_weight,
+                                      l1_scales=l1_scales)
 
     def fde_config(self) -> dict[str, Any]:
         """The FDE constructor arguments; downstream phases rebuild FDE from these."""

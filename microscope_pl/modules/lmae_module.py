@@ -11,7 +11,8 @@ from microscope_pl.models.losses import dynamics_mse, kl_divergence
 from microscope_pl.models.perceptual import PerceptualLoss
 from microscope_pl.models.visualize import flow_to_color, image_row
 from microscope_pl.modules.base import PhaseModule
-from microscope_pl.modules.fde_module import FDE_NETWORK_ARGS, log_images
+from microscope_pl.modules.fde_module import FDE_NETWORK_ARGS
+from microscope_pl.modules.media import log_images
 from microscope_pl.phases import load_frozen, load_upstream, require_equal, sub_state_dict
 
 
@@ -61,6 +62,7 @@ class LMAEModule(PhaseModule):
         perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125),
         perceptual_layer_weights: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0),
         l1_weight: float = 0.0,
+        l1_scales: tuple[float, ...] = (1.0,),
         train_fde: bool = False,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
@@ -91,6 +93,7 @@ class LMAEModule(PhaseModule):
             perceptual_scales: image-pyramid scales of the VGG loss.
             perceptual_layer_weights: L1 weights of relu1_1..relu5_1 (trailing zeros skip layers).
             l1_weight: extra pixel L1 inside the IGC term (0 = the paper's).
+            l1_scales: pyramid scales of that L1 term.
             train_fde: optimise FDE jointly from scratch (the "w/o TPC" ablation);
                 needs fde_config and no upstream checkpoint.
             lr: Adam learning rate.
@@ -121,7 +124,8 @@ class LMAEModule(PhaseModule):
             mid_attention=mid_attention, output="dynamics", grid_mode=grid_mode,
         )
         self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales,
-                                      layer_weights=perceptual_layer_weights, l1_weight=l1_weight)
+                                      layer_weights=perceptual_layer_weights, l1_weight=l1_weight,
+                                      l1_scales=l1_scales)
 
     def lmae_config(self) -> dict[str, Any]:
         """The LMAE constructor arguments; the diffusion phase rebuilds LMAE from these."""

@@ -29,6 +29,7 @@ class PixelVAEModule(PhaseModule):
         perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125),
         perceptual_layer_weights: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0),
         l1_weight: float = 0.0,
+        l1_scales: tuple[float, ...] = (1.0,),
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         weight_decay: float = 0.0,
@@ -50,6 +51,7 @@ class PixelVAEModule(PhaseModule):
             perceptual_scales: image-pyramid scales of the VGG loss.
             perceptual_layer_weights: L1 weights of relu1_1..relu5_1 (trailing zeros skip layers).
             l1_weight: extra pixel L1 weight.
+            l1_scales: pyramid scales of the pixel L1 term.
             lr: Adam learning rate.
             betas: Adam betas.
             weight_decay: Adam weight decay.
@@ -63,7 +65,8 @@ class PixelVAEModule(PhaseModule):
                         base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
                         norm_groups=norm_groups, output="image")
         self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales,
-                                      layer_weights=perceptual_layer_weights, l1_weight=l1_weight)
+                                      layer_weights=perceptual_layer_weights, l1_weight=l1_weight,
+                                      l1_scales=l1_scales)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         frame = batch["driving"]
