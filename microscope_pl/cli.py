@@ -40,6 +40,11 @@ def _lightning_cli(argv: list[str] | None) -> int:
             if config.get("ckpt_path"):
                 read_checkpoint(config["ckpt_path"])
                 return
+            if self.trainer.fast_dev_run:
+                # Lightning 2.6 still writes save_last at train end under fast_dev_run; a
+                # smoke run must not leave a last.ckpt that the next real run resumes from
+                for callback in self.trainer.checkpoint_callbacks:
+                    callback.save_last = False
             callback = self.trainer.checkpoint_callback
             dirpath = getattr(callback, "dirpath", None)
             if dirpath and not self.trainer.fast_dev_run:

@@ -56,7 +56,8 @@ def test_diffusion_test_reports_sync_and_fs(diffusion_ckpt, trained, synth_root,
                  "--trainer.limit_test_batches", "1", "--ckpt_path", str(diffusion_ckpt)])
     assert code == 0
     out = capsys.readouterr().out
-    for key in ("test/psnr", "test/fs_error", "test/sync_corr", "test/sync_corr_gt", "test/sync_corr_noaudio"):
+    for key in ("test/psnr", "test/fs_error", "test/sync_corr", "test/sync_corr_gt", "test/sync_corr_noaudio",
+                "test/sync_corr_codec", "test/codec_psnr"):
         assert key in out, key
 
 

@@ -13,6 +13,8 @@ def test_phase1_fast_dev_run_with_equivariance(synth_root, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     extra = ["--model.init_args.equivariance_weight", "0.1", "--trainer.fast_dev_run", "1"]
     assert fit("phase1_fde.yaml", synth_root, *TINY_FDE, *extra) == 0
+    # a smoke run leaves no last.ckpt that a later `make phase1` would resume from
+    assert not (tmp_path / "checkpoints/phase1/last.ckpt").exists()
 
 
 def test_phase1_writes_best_and_last(trained):

@@ -56,8 +56,8 @@ def build_cache(ckpt_path: str | None, data_root: str | Path, out: str | Path, l
 
     if latent not in ("mdcf", "fde"):
         raise ValueError(f"latent must be 'mdcf' or 'fde', got {latent!r}")
-    if references < 1:
-        raise ValueError(f"references must be >= 1, got {references}")
+    if references < 1 or chunk < 1:
+        raise ValueError(f"references and chunk must be >= 1, got {references} and {chunk}")
     phase = "phase2" if latent == "mdcf" else "phase1"
     path = find_checkpoint(phase, ckpt_path)
     module = load_module(path, phase)
@@ -74,18 +74,19 @@ def build_cache(ckpt_path: str | None, data_root: str | Path, out: str | Path, l
     start = time.perf_counter()
     for i, name in enumerate(names):
         count = int(json.loads((Path(data_root) / "videos" / name / "meta.json").read_text())["frames"])
-        frames = _to_model(store.frames(name, list(range(count))), size).to(device)
         refs = reference_indices(count, references)
-        means, logvars = [], []
-        for r in refs:
-            mu, logvar = codec.encode_stats(frames[r:r + 1], frames[None], chunk)
-            means.append(mu[0].transpose(0, 1).half().cpu())  # T c h w
+        ref_images = _to_model(store.frames(name, refs), size).to(device)
+        means, logvars = [], []  # per chunk of frames: R k c h w
+        for first in range(0, count, chunk):  # decoded a chunk at a time: long videos fit in memory
+            frames = _to_model(store.frames(name, list(range(first, min(first + chunk, count)))), size).to(device)
+            mu, logvar = codec.encode_stats(ref_images, frames[None].expand(len(refs), -1, -1, -1, -1), chunk)
+            means.append(mu.transpose(1, 2).half().cpu())
             if logvar is not None:
-                logvars.append(logvar[0].transpose(0, 1).half().cpu())
+                logvars.append(logvar.transpose(1, 2).half().cpu())
         entry: dict[str, torch.Tensor | int] = {"frames": count, "ref_indices": torch.tensor(refs),
-                                                "mean": torch.stack(means)}
+                                                "mean": torch.cat(means, dim=1)}
         if logvars:
-            entry["logvar"] = torch.stack(logvars)
+            entry["logvar"] = torch.cat(logvars, dim=1)
         videos[name] = entry
         if verbose:
             print(f"[{i + 1}/{len(names)}] {name}: {count} frames x {len(refs)} references "
@@ -147,7 +148,7 @@ def check_cache(cache: dict[str, Any], latent: str, image_size: int, upstream_sh
 def run_cache(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cache = build_cache(args.ckpt, args.data, args.out, latent=args.latent, references=args.references,
-                        splits=tuple(args.splits), device=args.device, verbose=not args.quiet)
+                        splits=tuple(args.splits), chunk=args.chunk, device=args.device, verbose=not args.quiet)
     frames = sum(int(v["frames"]) for v in cache["videos"].values())
     size_mb = Path(args.out).stat().st_size / 2**20
     print(f"cached {cache['latent']} latents of {len(cache['videos'])} videos ({frames} frames, "
@@ -168,6 +169,7 @@ def register(sub: Any) -> None:
     cache.add_argument("--latent", default="mdcf", choices=("mdcf", "fde"))
     cache.add_argument("--references", type=int, default=8, help="reference frames per video (default %(default)s)")
     cache.add_argument("--splits", nargs="+", default=["train"], choices=("train", "test"))
+    cache.add_argument("--chunk", type=int, default=32, help="frames decoded and encoded at once (default %(default)s)")
     cache.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     cache.add_argument("--quiet", action="store_true")
     cache.set_defaults(func=run_cache)

@@ -172,6 +172,13 @@ class LMAE(nn.Module):
     variant lost because a uniform translation needs an offset growing as
     ``1 / (1 - id^2)`` toward the borders, i.e. position dependent.
 
+    Under the full phase-2 loss on a trained FDE's dynamics (IGC image term
+    included; configs/phase2_lmae.yaml, 10 CPU minutes at 128 px) the
+    ranking flips: "offset" came within 0.23 dB PSNR of FDE alone, while
+    "absolute" lost 1.9 dB in an earlier run (on an FDE that still copied its
+    source). The CPU config uses "offset";
+    the default stays "absolute" until a GPU-scale run decides.
+
     All residual branches (res blocks, attention) and the decoder's last conv
     are zero initialised, so the untrained network is close to a chain of
     identities (the "zero module" trick of diffusion U-Nets); in our runs it
