@@ -213,9 +213,8 @@ class PixelwiseFlowPredictor(nn.Module):
     ``refine`` (not in MRAA) also feeds the driving image to the hourglass and
     adds a dense residual flow (a zero-initialised 7 x 7 conv) to the mixture
     of sparse motions. The sparse motions give the large displacements; the
-    residual corrects what ``k`` affine regions cannot express and learns in
-    minutes instead of hours, because its gradient comes straight from the
-    photometric error. MICROSCOPE never drives one identity with another's
+    residual corrects what ``k`` affine regions cannot express and learns
+    sooner, because its gradient comes straight from the photometric error. MICROSCOPE never drives one identity with another's
     regions, so seeing the driving frame costs nothing at inference.
     """
 
