@@ -115,6 +115,15 @@ class VideoStore:
         return self._arrays[name]
 
 
+def frames_to_tensor(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 ``[k, H, W, 3]`` -> float32 ``[k, 3, size, size]`` in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=size < x.shape[-1]).clamp_(0.0, 1.0)
+    return x.contiguous()
+
+
 class _VideoDataset(Dataset):
     """Shared index, lazy per-process store and image conversion."""
 
@@ -174,12 +183,7 @@ class _VideoDataset(Dataset):
         return int(torch.randint(high, (1,), generator=generator).item())
 
     def _images(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 ``[k, H, W, 3]`` -> float32 ``[k, 3, s, s]`` in [0, 1] at ``image_size``."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=self.image_size < x.shape[-1]).clamp_(0.0, 1.0)
-        return x.contiguous()
+        return frames_to_tensor(frames, self.image_size)
 
 
 def augment_pair(images: torch.Tensor, generator: torch.Generator | None = None,
@@ -265,22 +269,21 @@ class ClipDataset(_VideoDataset):
         name = self.names[index // self.samples_per_video]
         count, n = self.frame_counts[name], self.num_frames
         gen = self._generator(index)
-        cached: dict[str, torch.Tensor] = {}
-        if self.latents is not None:
-            start, ref, cached = self._cached_clip(name, count, gen)
+        if self.latents is not None:  # the clip as cached latents: decode the reference only
+            start, ref, clip = self._cached_clip(name, count, gen)
             images = self._images(self.store.frames(name, [ref]))
         else:
             start = self._randint(count - n + 1, gen)
             ref = start if self.reference == "first" else self._randint(count, gen)
             images = self._images(self.store.frames(name, list(range(start, start + n)) + [ref]))
-            cached = {"frames": images[:n]}
+            clip = {"frames": images[:n]}
         arrays = self.store.arrays(name, count)
         span = slice(start, start + n)
         if arrays["audio"].shape[0] != count or arrays["pose"].shape[0] != count:
             raise ValueError(f"{self.root / 'videos' / name}: per-frame arrays have "
                              f"{arrays['audio'].shape[0]}/{arrays['pose'].shape[0]} rows but the video {count} frames")
         return {
-            **cached,
+            **clip,
             "reference": images[-1],
             "audio": torch.from_numpy(arrays["audio"][span].copy()),
             "pose": torch.from_numpy(arrays["pose"][span] - arrays["pose"][ref]),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,8 +46,8 @@ def build_cache(ckpt_path: str | None, data_root: str | Path, out: str | Path, l
                 references: int = 8, splits: tuple[str, ...] = ("train",), chunk: int = 32,
                 device: str = "cpu", verbose: bool = True) -> dict[str, Any]:
     """Encode the ``splits`` of ``data_root`` and write the cache to ``out`` atomically."""
-    from microscope_pl.checkpointing import file_sha256
-    from microscope_pl.data.datasets import VideoStore, load_manifest, split_videos
+    from microscope_pl.checkpointing import AtomicCheckpointIO, file_sha256
+    from microscope_pl.data.datasets import VideoStore, frames_to_tensor, load_manifest, split_videos
     from microscope_pl.models.fde import FDE
     from microscope_pl.models.lmae import LMAE
     from microscope_pl.models.mdcf import DynamicsCodec
@@ -75,10 +74,10 @@ def build_cache(ckpt_path: str | None, data_root: str | Path, out: str | Path, l
     for i, name in enumerate(names):
         count = int(json.loads((Path(data_root) / "videos" / name / "meta.json").read_text())["frames"])
         refs = reference_indices(count, references)
-        ref_images = _to_model(store.frames(name, refs), size).to(device)
+        ref_images = frames_to_tensor(store.frames(name, refs), size).to(device)
         means, logvars = [], []  # per chunk of frames: R k c h w
         for first in range(0, count, chunk):  # decoded a chunk at a time: long videos fit in memory
-            frames = _to_model(store.frames(name, list(range(first, min(first + chunk, count)))), size).to(device)
+            frames = frames_to_tensor(store.frames(name, list(range(first, min(first + chunk, count)))), size).to(device)
             mu, logvar = codec.encode_stats(ref_images, frames[None].expand(len(refs), -1, -1, -1, -1), chunk)
             means.append(mu.transpose(1, 2).half().cpu())
             if logvar is not None:
@@ -93,24 +92,8 @@ def build_cache(ckpt_path: str | None, data_root: str | Path, out: str | Path, l
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
     cache = {"format": FORMAT, "latent": latent, "image_size": size,
              "upstream": {"phase": phase, "path": str(path), "sha256": file_sha256(path)}, "videos": videos}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
-        torch.save(cache, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    AtomicCheckpointIO().save_checkpoint(cache, out)  # temporary name, then rename
     return cache
-
-
-def _to_model(frames: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 ``T H W 3`` -> float ``T 3 size size`` in [0, 1] (as the datasets do)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                                            antialias=True).clamp_(0, 1)
-    return x
 
 
 def load_cache(path: str | Path) -> dict[str, Any]:

@@ -243,12 +243,13 @@ class LatentDiffusionModule(PhaseModule):
     def generate_clip(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
                       **kwargs: Any) -> torch.Tensor:
         """Frames `b n 3 H W` for a batch of conditions (validation/test)."""
-        z = self.sample_latents(batch, generator=generator, **kwargs)
-        clips = []
-        for i in range(z.shape[0]):
-            features = self.codec.fde.encode(batch["reference"][i:i + 1])
-            clips.append(self.codec.decode(features, z[i:i + 1], self.hparams.decode_chunk))
-        return torch.stack(clips)
+        return self.decode_clips(batch["reference"], self.sample_latents(batch, generator=generator, **kwargs))
+
+    @torch.no_grad()
+    def decode_clips(self, reference: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents `b c n h w` -> frames `b n 3 H W`, each clip against its reference `b 3 H W`."""
+        return torch.stack([self.codec.decode(self.codec.fde.encode(reference[i:i + 1]), z[i:i + 1],
+                                              self.hparams.decode_chunk) for i in range(z.shape[0])])
 
     # ---------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
