@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from microscope_pl.models.blocks import resize_grid
 from microscope_pl.models.fde import FDE, identity_grid, warp
-from microscope_pl.models.motion import covariance_to_affine
+from microscope_pl.models.motion import compose_affines, covariance_to_affine, lucas_kanade_affine
 from microscope_pl.models.visualize import flow_to_color, image_row
 
 TINY = dict(block_expansion=8, max_features=16, motion_block_expansion=8, motion_max_features=16,
@@ -119,6 +119,47 @@ def test_flow_refinement_starts_at_the_region_mixture_near_identity() -> None:
     assert refined.flow_predictor.residual.weight.grad.abs().sum() > 0  # and it learns
     with pytest.raises(ValueError, match="driving image"):
         refined.flow_predictor(src[:, :, :16, :16], {}, {}, None)
+
+
+def _affine_grid(m: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.einsum("bij,jhw->bihw", m[:, :, :2], identity_grid(1, size, size)[0]) + m[:, :, 2, None, None]
+
+
+def test_lucas_kanade_recovers_a_known_affine() -> None:
+    src = smooth_images(3, 32, 5)
+    angle = torch.tensor([0.04, -0.03, 0.0])
+    scale = torch.tensor([1.03, 0.98, 1.0])
+    truth = torch.zeros(3, 2, 3)
+    truth[:, 0, 0] = truth[:, 1, 1] = scale * torch.cos(angle)
+    truth[:, 0, 1], truth[:, 1, 0] = -scale * torch.sin(angle), scale * torch.sin(angle)
+    truth[:, :, 2] = torch.tensor([[0.06, -0.04], [-0.05, 0.03], [0.0, 0.0]])
+    dri = warp(src, _affine_grid(truth, 32))
+    found = lucas_kanade_affine(src, dri)
+    assert (found - truth).abs().max() < 0.02, (found - truth).abs().max()
+    eye = torch.eye(2, 3).expand(3, 2, 3)
+    assert (found[:, :, 2] - truth[:, :, 2]).abs().max() < 0.25 * (eye - truth).abs()[:2, :, 2].max()
+    # flat images carry no motion: the identity, and nothing non-finite
+    flat = torch.full((2, 3, 16, 16), 0.5)
+    torch.testing.assert_close(lucas_kanade_affine(flat, flat), eye[:2])
+    torch.testing.assert_close(compose_affines(eye[:1], truth[:1]), truth[:1])
+
+
+def test_global_alignment_makes_the_background_motion_the_registration() -> None:
+    src = smooth_images(2, 64, 6)
+    shift = torch.tensor([[[1.0, 0.0, 0.08], [0.0, 1.0, -0.06]]]).expand(2, 2, 3)
+    dri = warp(src, _affine_grid(shift, 64))
+    plain, aligned = tiny_fde(seed=3), tiny_fde(seed=3, global_alignment=True)
+    ident = torch.eye(2, 3).expand(2, 2, 3)
+    torch.testing.assert_close(plain.motion(src, dri)["bg_affine"], ident)  # the learned FC starts at identity
+    bg = aligned.motion(src, dri)["bg_affine"]
+    assert (bg - shift).abs().max() < 0.02
+    # so the source warped with the untrained FDE's flow is already close to the driving frame
+    err = {name: (warp(src, fde.dynamics(src, dri)[:, :2]) - dri).abs().mean().item()
+           for name, fde in (("plain", plain), ("aligned", aligned))}
+    assert err["aligned"] < 0.5 * err["plain"], err
+    loss = (aligned(src, dri)["frame"] - dri).abs().mean()
+    loss.backward()  # the learned correction composed onto the registration still trains
+    assert aligned.bg_predictor.fc.weight.grad.abs().sum() > 0
 
 
 def test_determinism() -> None:

@@ -14,7 +14,7 @@ from microscope_pl.models.attention import (
     rotary_tables,
     sdpa,
 )
-from microscope_pl.models.unet3d import UNet3D
+from microscope_pl.models.unet3d import ConditionEncoder, UNet3D
 
 A, P, B, IC = 8, 6, 2, 3  # audio, pose, blink, image-cond widths of the tiny model
 
@@ -222,6 +222,17 @@ def test_dropping_conditions(mode: str) -> None:
     mixed = torch.tensor([True, False])
     out = model(**kw, drop_audio=mixed, drop_motion=mixed)
     torch.testing.assert_close(out[1], full[1])
+
+
+def test_audio_token_keeps_the_frame_level() -> None:
+    # a louder frame of the same spectral shape is a log-mel frame shifted up:
+    # LayerNorm alone maps both to one token, and the mouth could not follow loudness
+    enc = ConditionEncoder(audio_dim=16, motion_dim=0, cond_dim=8)
+    quiet = torch.randn(1, 3, 16)
+    tokens = enc(torch.cat([quiet, quiet + 0.5]), None, None)
+    assert (tokens[0] - tokens[1]).abs().amax() > 1e-3
+    torch.testing.assert_close(enc.audio_norm(quiet), enc.audio_norm(quiet + 0.5))
+    assert torch.isfinite(enc(torch.full((1, 2, 16), -1.0), None, None)).all()  # silence: a constant frame
 
 
 # ---------------------------------------------------------------- training

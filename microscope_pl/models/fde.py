@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from .blocks import (ConvBlock, DownBlock, ResBlock, UpBlock, antialias_resize, identity_grid,
                      resize_grid, resize_map, warp)
-from .motion import BackgroundPredictor, PixelwiseFlowPredictor, RegionPredictor
+from .motion import (BackgroundPredictor, PixelwiseFlowPredictor, RegionPredictor, compose_affines,
+                     lucas_kanade_affine)
 
 __all__ = ["FDE", "identity_grid", "warp", "resize_grid", "resize_map"]
 
@@ -72,6 +73,14 @@ class FDE(nn.Module):
             image and adds a dense residual flow to the region mixture (not in
             MRAA; see ``PixelwiseFlowPredictor``). Off by default; the CPU
             configs turn it on because regions alone learn little in minutes.
+        global_alignment: start the background affine from a classical
+            Lucas-Kanade registration of the motion-resolution images
+            (``motion.lucas_kanade_affine``, no parameters, no gradient); the
+            background predictor then learns a correction composed onto it.
+            Not in MRAA (off by default); the CPU configs turn it on because a
+            CNN regressing global motion from scratch needs far more than
+            minutes (measured: the registration alone warps the held-out
+            synthetic pairs to 27.4 dB, copying the source gives 23.1 dB).
     """
 
     def __init__(self, image_channels: int = 3, downsample: int = 4, block_expansion: int = 64,
@@ -79,7 +88,7 @@ class FDE(nn.Module):
                  motion_block_expansion: int = 32, motion_max_features: int = 1024,
                  motion_num_blocks: int = 5, motion_scale: float = 0.25, num_res_blocks: int = 6,
                  norm: str = "group", estimate_background: bool = True, source_skip: bool = False,
-                 flow_refinement: bool = False) -> None:
+                 flow_refinement: bool = False, global_alignment: bool = False) -> None:
         super().__init__()
         if downsample < 2 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
@@ -115,6 +124,7 @@ class FDE(nn.Module):
         self.final = nn.Conv2d(chans[0], image_channels, 7, padding=3)
         self.feature_channels = chans
         self.source_skip = source_skip
+        self.global_alignment = global_alignment
 
     @property
     def downsample(self) -> int:
@@ -148,6 +158,9 @@ class FDE(nn.Module):
         reg_src = {key: v[:b] for key, v in reg.items()}
         reg_dri = {key: v[b:] for key, v in reg.items()}
         bg = self.bg_predictor(small[:b], small[b:]) if self.bg_predictor is not None else None
+        if self.global_alignment:  # the learned affine corrects the registration: z -> lk(bg(z))
+            lk = lucas_kanade_affine(small[:b], small[b:])
+            bg = lk if bg is None else compose_affines(lk, bg.float())
         out = self.flow_predictor(small[:b], reg_src, reg_dri, bg, small[b:])
         target = (hh // self._downsample, ww // self._downsample)
         # clamp: with border padding, coordinates beyond [-1, 1] sample the same

@@ -112,10 +112,13 @@ class ConditionEncoder(nn.Module):
         """
         super().__init__()
         # Audio features are homogeneous (mel bins / HuBERT channels) but of
-        # arbitrary scale: LayerNorm first makes log-mel and HuBERT interchangeable.
+        # arbitrary scale: LayerNorm makes log-mel and HuBERT interchangeable.
+        # It also removes each frame's level, which for log-mel *is* the
+        # loudness that opens the mouth, so the level (mean) and spread (std)
+        # go in beside it.
+        self.audio_norm = nn.LayerNorm(audio_dim)
         self.audio = nn.Sequential(
-            nn.LayerNorm(audio_dim), nn.Linear(audio_dim, cond_dim), nn.SiLU(),
-            nn.Linear(cond_dim, cond_dim))
+            nn.Linear(audio_dim + 2, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
         self.null_audio = nn.Parameter(torch.randn(cond_dim) * 0.02)
         self.motion_dim = motion_dim
         if motion_dim > 0:
@@ -130,7 +133,8 @@ class ConditionEncoder(nn.Module):
     def forward(self, audio: Tensor, pose: Tensor | None, blink: Tensor | None,
                 drop_audio: Tensor | None = None,
                 drop_motion: Tensor | None = None) -> Tensor:
-        tok_a = self.audio(audio)
+        level = torch.cat([audio.mean(-1, keepdim=True), audio.std(-1, correction=0, keepdim=True)], dim=-1)
+        tok_a = self.audio(torch.cat([self.audio_norm(audio), level], dim=-1))
         if drop_audio is not None:
             tok_a = torch.where(drop_audio.view(-1, 1, 1), self.null_audio.to(tok_a.dtype), tok_a)
         if self.motion_dim == 0:

@@ -14,6 +14,7 @@ from microscope_pl.modules.media import log_images
 FDE_NETWORK_ARGS = (
     "downsample", "block_expansion", "max_features", "num_regions", "motion_block_expansion",
     "motion_max_features", "motion_num_blocks", "num_res_blocks", "norm", "source_skip", "flow_refinement",
+    "global_alignment",
 )
 
 
@@ -36,6 +37,7 @@ class FDEModule(PhaseModule):
         norm: str = "group",
         source_skip: bool = False,
         flow_refinement: bool = False,
+        global_alignment: bool = False,
         perceptual_weights: str = "imagenet",
         perceptual_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125),
         perceptual_layer_weights: tuple[float, ...] = (10.0, 10.0, 10.0, 10.0, 10.0),
@@ -63,6 +65,7 @@ class FDEModule(PhaseModule):
             norm: "group" (DDP-safe, batch-size independent) or "batch".
             source_skip: blend the warped source image into the output (not in eq. 5; see FDE).
             flow_refinement: dense residual flow from the driving image (not in MRAA; see FDE).
+            global_alignment: background affine starts from a Lucas-Kanade registration (not in MRAA; see FDE).
             perceptual_weights: VGG19 weights: "imagenet" (local file or torchvision
                 download), a path to a state dict, or "random" (offline demo/tests only).
             perceptual_scales: image-pyramid scales of the VGG loss.
