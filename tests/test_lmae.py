@@ -95,6 +95,23 @@ def test_offset_mode_starts_at_identity() -> None:
     torch.testing.assert_close(out[:, 2:], torch.full_like(out[:, 2:], 0.5))
 
 
+def test_affine_head_adds_one_global_affine_displacement() -> None:
+    model = LMAE(grid_mode="offset", upsample="bilinear", affine_head=True, **TINY)
+    dyn = smooth_dynamics(2, 32, 0)
+    torch.testing.assert_close(model(dyn, sample=False)["dynamics"][:, :2], identity_grid(32, 32).expand(2, -1, -1, -1))
+    shift = torch.tensor([0.02, -0.01, 0.05, 0.01, 0.03, -0.04])  # a row-major 2 x 3 displacement affine
+    with torch.no_grad():
+        model.affine_head.bias.copy_(shift)
+    grid = model(dyn, sample=False)["dynamics"][:, :2]
+    ident = identity_grid(32, 32)[0]
+    expected = torch.einsum("ij,jhw->ihw", shift.view(2, 3)[:, :2], ident) + shift.view(2, 3)[:, 2, None, None]
+    torch.testing.assert_close(grid, (ident + expected).clamp(-1, 1).expand(2, -1, -1, -1))  # clamped like FDE
+    with pytest.raises(ValueError, match="affine_head"):
+        LMAE(grid_mode="absolute", affine_head=True, **TINY)
+    with pytest.raises(ValueError, match="upsample"):
+        LMAE(upsample="bicubic", **TINY)
+
+
 def test_image_mode_vae_d32() -> None:
     # the "VAE d/32" ablation: five 2x downsamplings straight on frames
     model = LMAE(in_channels=3, num_down=5, output="image", **TINY)
@@ -148,11 +165,12 @@ def test_losses_basic() -> None:
 # ---------------------------------------------------------------- training
 
 
-def test_gradient_reaches_every_parameter() -> None:
+@pytest.mark.parametrize("extras", [{}, {"grid_mode": "offset", "upsample": "bilinear", "affine_head": True}])
+def test_gradient_reaches_every_parameter(extras: dict) -> None:
     # Zero-initialised branches get their gradient once the last conv moves,
     # so take two steps first and then require a gradient everywhere.
     torch.manual_seed(0)
-    model = LMAE(**TINY)
+    model = LMAE(**TINY, **extras)
     dyn = smooth_dynamics(2, 32, 0)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(3):

@@ -54,6 +54,8 @@ class LMAEModule(PhaseModule):
         norm_groups: int = 32,
         mid_attention: bool = True,
         grid_mode: str = "absolute",
+        upsample: str = "nearest",
+        affine_head: bool = False,
         sample_latent: bool = True,
         kl_weight: float = 1e-4,
         mse_weight: float = 1.0,
@@ -85,6 +87,8 @@ class LMAEModule(PhaseModule):
             norm_groups: GroupNorm groups in LMAE.
             mid_attention: self-attention at the lowest LMAE resolution.
             grid_mode: decoded grid as "absolute" (tanh of the grid) or "offset" (identity + offset).
+            upsample: LMAE decoder upsampling, "nearest" or "bilinear".
+            affine_head: the LMAE decoder adds a global affine displacement ("offset" only; see LMAE).
             sample_latent: train on z = mu + sigma * eps (eq. 4) rather than on mu.
             kl_weight: lambda_KL of eq. 9 (KL averaged over latent elements).
             mse_weight: lambda_MSE of eq. 9.
@@ -121,7 +125,8 @@ class LMAEModule(PhaseModule):
         self.lmae = LMAE(
             in_channels=3, latent_channels=latent_channels, num_down=num_down, base_channels=base_channels,
             channel_mult=channel_mult, num_res_blocks=num_res_blocks, norm_groups=norm_groups,
-            mid_attention=mid_attention, output="dynamics", grid_mode=grid_mode,
+            mid_attention=mid_attention, output="dynamics", grid_mode=grid_mode, upsample=upsample,
+            affine_head=affine_head,
         )
         self.loss_fn = PerceptualLoss(weights=perceptual_weights, scales=perceptual_scales,
                                       layer_weights=perceptual_layer_weights, l1_weight=l1_weight,
@@ -134,7 +139,8 @@ class LMAEModule(PhaseModule):
                 "base_channels": hp.base_channels, "channel_mult": hp.channel_mult,
                 "num_res_blocks": hp.num_res_blocks, "norm_groups": hp.norm_groups,
                 "mid_attention": hp.mid_attention, "output": "dynamics",
-                "grid_mode": self.lmae.grid_mode, "flow_scale": self.lmae.flow_scale}
+                "grid_mode": self.lmae.grid_mode, "flow_scale": self.lmae.flow_scale,
+                "upsample": hp.upsample, "affine_head": hp.affine_head}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
