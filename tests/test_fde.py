@@ -144,6 +144,18 @@ def test_lucas_kanade_recovers_a_known_affine() -> None:
     torch.testing.assert_close(compose_affines(eye[:1], truth[:1]), truth[:1])
 
 
+def test_lucas_kanade_registers_synthetic_head_motion(synth_root) -> None:
+    from microscope_pl.data.datasets import FramePairDataset
+    from microscope_pl.models.blocks import antialias_resize
+    from microscope_pl.models.losses import psnr
+
+    ds = FramePairDataset(synth_root, "train", 64, samples_per_video=6)
+    src, dri = (torch.stack([ds[i][k] for i in range(len(ds))]) for k in ("source", "driving"))
+    found = lucas_kanade_affine(antialias_resize(src, (16, 16)), antialias_resize(dri, (16, 16)))
+    gain = psnr(warp(src, _affine_grid(found, 16)), dri).mean() - psnr(src, dri).mean()
+    assert gain > 2.0, gain  # 4.1 dB here; 4.3 dB on the 128 px held-out pairs (README)
+
+
 def test_global_alignment_makes_the_background_motion_the_registration() -> None:
     src = smooth_images(2, 64, 6)
     shift = torch.tensor([[[1.0, 0.0, 0.08], [0.0, 1.0, -0.06]]]).expand(2, 2, 3)

@@ -178,8 +178,12 @@ class LMAE(nn.Module):
     included; configs/phase2_lmae.yaml, 10 CPU minutes at 128 px) the
     ranking flips: "offset" came within 0.23 dB PSNR of FDE alone, while
     "absolute" lost 1.9 dB in an earlier run (on an FDE that still copied its
-    source). The CPU config uses "offset";
-    the default stays "absolute" until a GPU-scale run decides.
+    source). On the flows of an FDE with ``global_alignment`` (a global
+    affine head motion everywhere) "offset" alone stayed at the identity
+    (MDCF 23.06 dB, the same as copying the source) and ``affine_head`` with
+    bilinear upsampling fixed it (26.17 dB against FDE's 26.73 dB). The CPU
+    config uses all three; the default stays "absolute" until a GPU-scale
+    run decides.
 
     All residual branches (res blocks, attention) and the decoder's last conv
     are zero initialised, so the untrained network is close to a chain of

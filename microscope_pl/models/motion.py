@@ -228,24 +228,26 @@ def lucas_kanade_affine(src: Tensor, dri: Tensor, iterations: int = LK_ITERATION
         xs, ys = z[0, 1:-1, 1:-1], z[1, 1:-1, 1:-1]
         damping = torch.eye(6, device=src.device)
 
-        def residual(m: Tensor) -> Tensor:
-            grid = torch.einsum("bij,jhw->bihw", m[:, :, :2], z) + m[:, :, 2, None, None]
-            return warp(src, grid) - dri
+        def warped(m: Tensor) -> Tensor:
+            return warp(src, torch.einsum("bij,jhw->bihw", m[:, :, :2], z) + m[:, :, 2, None, None])
+
+        def error(m: Tensor) -> Tensor:
+            return (warped(m) - dri).square().flatten(1).mean(1)
 
         for _ in range(iterations):
-            r_full = residual(affine)
-            warped = r_full + dri
+            moved = warped(affine)
             # central differences in normalised units (a pixel is 2/w wide)
-            gx = (warped[..., 1:-1, 2:] - warped[..., 1:-1, :-2]) * (w / 4)
-            gy = (warped[..., 2:, 1:-1] - warped[..., :-2, 1:-1]) * (h / 4)
-            r = r_full[..., 1:-1, 1:-1]
+            gx = (moved[..., 1:-1, 2:] - moved[..., 1:-1, :-2]) * (w / 4)
+            gy = (moved[..., 2:, 1:-1] - moved[..., :-2, 1:-1]) * (h / 4)
+            r = (moved - dri)[..., 1:-1, 1:-1]
             jac = torch.stack([gx * xs, gx * ys, gx, gy * xs, gy * ys, gy], dim=-1)  # b c h w 6
             hess = torch.einsum("bchwi,bchwj->bij", jac, jac)
             grad = torch.einsum("bchwi,bchw->bi", jac, r)
             lam = 1e-3 * hess.diagonal(dim1=1, dim2=2).mean(1) + 1e-8
             step = torch.linalg.solve(hess + lam[:, None, None] * damping, -grad[..., None])[..., 0]
             affine = affine + torch.nan_to_num(step).view(b, 2, 3)
-        better = residual(affine).square().flatten(1).mean(1) < residual(eye.expand(b, 2, 3)).square().flatten(1).mean(1)
+
+        better = error(affine) < error(eye.expand(b, 2, 3))
         return torch.where(better[:, None, None], affine, eye.expand(b, 2, 3))
 
 
