@@ -15,7 +15,8 @@ TINY_FDE = [
 ]
 TINY_LMAE = [
     "--model.init_args.image_size", "64", "--model.init_args.base_channels", "8",
-    "--model.init_args.channel_mult", "[1, 1, 2, 2]", "--model.init_args.norm_groups", "4",
+    "--model.init_args.num_down", "3", "--model.init_args.channel_mult", "[1, 1, 2, 2]",
+    "--model.init_args.norm_groups", "4",
     "--model.init_args.perceptual_scales", "[1.0]", "--model.init_args.lpips", "off",
 ]
 

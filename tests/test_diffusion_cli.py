@@ -79,7 +79,8 @@ def test_pbnet_fast_dev_run(synth_root, tmp_path, monkeypatch):
 ABLATIONS = {
     "fde_d4.yaml": ("phase1_fde.yaml", TINY_FDE),
     "fde_d8.yaml": ("phase1_fde.yaml", TINY_FDE),
-    "mdcf_d16.yaml": ("phase2_lmae.yaml", [*TINY_LMAE, "--model.init_args.channel_mult", "[1, 1, 2]"]),
+    "mdcf_d16.yaml": ("phase2_lmae.yaml", [*TINY_LMAE, "--model.init_args.num_down", "2",
+                                           "--model.init_args.channel_mult", "[1, 1, 2]"]),
     "mdcf_d32.yaml": ("phase2_lmae.yaml", TINY_LMAE),
     "mdcf_no_igc.yaml": ("phase2_lmae.yaml", TINY_LMAE),
     "mdcf_no_tpc.yaml": ("phase2_lmae.yaml", TINY_LMAE),
