@@ -219,7 +219,7 @@ class LMAE(nn.Module):
         affine_head: the decoder also predicts one global affine displacement
             per sample (pooled mid features -> 6 numbers, zero initialised),
             added to the "offset" grid: a global head motion is a linear ramp
-            in position, which convolutions rebuild from a 4 x 4 latent only
+            in position, which convolutions rebuild from a coarse latent only
             slowly. Not in the paper (off by default); needs
             ``grid_mode="offset"``. Measured on a trained FDE's dynamics at
             32 x 32 (eq. 6 alone, 800 steps, two seeds): held-out grid MSE
