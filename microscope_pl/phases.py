@@ -169,5 +169,10 @@ def load_module(path: str | os.PathLike, phase: str, map_location: str = "cpu") 
     cls = getattr(importlib.import_module(module_path), cls_name)
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     model = cls(**hparams)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:  # e.g. a checkpoint of an older version of the network
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"{path} does not fit this version's {phase} network ({detail}); "
+                              "retrain it with this version") from None
     return model.eval()

@@ -1,7 +1,7 @@
 """CLI smoke tests of phases 1 and 2: fit, resume, test, frozen upstream."""
 from __future__ import annotations
 
-
+import pytest
 import torch
 
 from microscope_pl.cli import main
@@ -22,6 +22,19 @@ def test_phase1_writes_best_and_last(trained):
         ckpt = torch.load(trained / "checkpoints/phase1" / name, weights_only=True)
         assert ckpt["microscope_phase"] == "phase1"
     assert not list((trained / "checkpoints/phase1").glob("*.tmp"))
+
+
+def test_checkpoint_of_another_network_version_is_refused_in_one_line(trained, tmp_path):
+    from microscope_pl.checkpointing import CheckpointError
+    from microscope_pl.phases import load_module
+
+    ckpt = torch.load(trained / "checkpoints/phase1/best.ckpt", weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.dim() > 1)
+    ckpt["state_dict"][name] = ckpt["state_dict"][name][:1]  # as if the layer had another width
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError, match="does not fit this version") as err:
+        load_module(tmp_path / "old.ckpt", "phase1")
+    assert "\n" not in str(err.value) and name in str(err.value)
 
 
 def test_phase2_keeps_fde_bitwise_and_optimises_only_lmae(trained):
