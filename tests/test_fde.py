@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microscope_pl.models.blocks import resize_grid
+from microscope_pl.models.blocks import apply_affine, resize_grid
 from microscope_pl.models.fde import FDE, identity_grid, warp
 from microscope_pl.models.motion import compose_affines, covariance_to_affine, lucas_kanade_affine
 from microscope_pl.models.visualize import flow_to_color, image_row
@@ -122,7 +122,7 @@ def test_flow_refinement_starts_at_the_region_mixture_near_identity() -> None:
 
 
 def _affine_grid(m: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.einsum("bij,jhw->bihw", m[:, :, :2], identity_grid(1, size, size)[0]) + m[:, :, 2, None, None]
+    return apply_affine(m, identity_grid(1, size, size)[0])
 
 
 def test_lucas_kanade_recovers_a_known_affine() -> None:

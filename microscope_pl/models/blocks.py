@@ -181,6 +181,11 @@ def identity_grid(b: int, h: int, w: int, device: torch.device | str | None = No
     return torch.stack([gx, gy], dim=0).unsqueeze(0).expand(b, 2, h, w)
 
 
+def apply_affine(affine: Tensor, z: Tensor) -> Tensor:
+    """Affines ``b 2 3`` applied to coordinates ``2 h w``: ``A z + t``, ``b 2 h w``."""
+    return torch.einsum("bij,jhw->bihw", affine[:, :, :2], z) + affine[:, :, 2, None, None]
+
+
 def antialias_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize ``b c h w -> b c H W``; anti-aliased when shrinking.
 

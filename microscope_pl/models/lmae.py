@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .blocks import apply_affine
+
 __all__ = ["LMAE", "identity_grid"]
 
 # Posterior log-variance range, as in latent-diffusion's DiagonalGaussian:
@@ -454,7 +456,7 @@ class LMAE(nn.Module):
             ident = identity_grid(o.shape[-2], o.shape[-1], o.device, o.dtype)
             grid = ident + o[:, :2] / self.flow_scale
             if affine is not None:
-                grid = grid + torch.einsum("bij,jhw->bihw", affine[:, :, :2], ident[0]) + affine[:, :, 2, None, None]
+                grid = grid + apply_affine(affine, ident[0])
             # straight-through clamp: exact [-1, 1] forward, identity backward
             grid = grid + (grid.clamp(-1.0, 1.0) - grid).detach()
         else:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ConvBlock, DownBlock, Hourglass, identity_grid, warp
+from .blocks import ConvBlock, DownBlock, Hourglass, apply_affine, identity_grid, warp
 
 __all__ = [
     "covariance_to_affine",
@@ -229,7 +229,7 @@ def lucas_kanade_affine(src: Tensor, dri: Tensor, iterations: int = LK_ITERATION
         damping = torch.eye(6, device=src.device)
 
         def warped(m: Tensor) -> Tensor:
-            return warp(src, torch.einsum("bij,jhw->bihw", m[:, :, :2], z) + m[:, :, 2, None, None])
+            return warp(src, apply_affine(m, z))
 
         def error(m: Tensor) -> Tensor:
             return (warped(m) - dri).square().flatten(1).mean(1)
@@ -247,7 +247,7 @@ def lucas_kanade_affine(src: Tensor, dri: Tensor, iterations: int = LK_ITERATION
             step = torch.linalg.solve(hess + lam[:, None, None] * damping, -grad[..., None])[..., 0]
             affine = affine + torch.nan_to_num(step).view(b, 2, 3)
 
-        better = error(affine) < error(eye.expand(b, 2, 3))
+        better = error(affine) < (src - dri).square().flatten(1).mean(1)
         return torch.where(better[:, None, None], affine, eye.expand(b, 2, 3))
 
 
@@ -311,7 +311,7 @@ class PixelwiseFlowPredictor(nn.Module):
         if bg is None:
             background = z.expand(b, 2, h, w)
         else:
-            background = torch.einsum("bij,jhw->bihw", bg[:, :, :2], z) + bg[:, :, 2, None, None]
+            background = apply_affine(bg, z)
         return torch.cat([regions, background[:, None]], dim=1)
 
     def forward(self, src_image: Tensor, src: dict[str, Tensor], dri: dict[str, Tensor],
