@@ -10,13 +10,14 @@ ARGS ?=
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install test test-all demo data phase1 phase2 diffusion pbnet all generate bench ablations clean
+.PHONY: help install test test-all test-gpu demo data phase1 phase2 diffusion pbnet all generate bench ablations clean
 
 help:
 	@echo "microscope-pl targets (pass CLI options with ARGS=\"...\"):"
 	@echo "  install    system packages (ffmpeg, espeak-ng, sox), .venv, package + dev extras"
 	@echo "  test       the test suite (skips slow/GPU tests)"
-	@echo "  test-all   every test, slow ones included"
+	@echo "  test-all   every test, slow ones included (GPU ones skip without CUDA)"
+	@echo "  test-gpu   the GPU tests: bf16-mixed fits, CUDA generation and benchmark"
 	@echo "  demo       synthetic data -> all phases briefly on CPU -> a generated video"
 	@echo "  data       make the embedded synthetic data set in data/synth"
 	@echo "  phase1     train FDE              (configs/phase1_fde.yaml)"
@@ -45,6 +46,9 @@ test:
 
 test-all:
 	$(PY) -m pytest -q -m ""
+
+test-gpu:
+	$(PY) -m pytest -q -m gpu
 
 data:
 	$(MICROSCOPE) data synth --out data/synth --videos 40 --seconds 8 --size 128 $(ARGS)

@@ -26,6 +26,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             MisconfigurationException)
 
 
+def model_args_named(argv: Sequence[str]) -> list[str]:
+    """Model hyper-parameters given on a LightningCLI command line (`--model.init_args.X`, `--model.X`)."""
+    keys = []
+    for token in argv:
+        for prefix in ("--model.init_args.", "--model."):
+            if token.startswith(prefix):
+                key = token[len(prefix):].split("=", 1)[0]
+                if key not in ("class_path", "init_args", "dict_kwargs"):
+                    keys.append(key)
+                break
+    return keys
+
+
 def _lightning_cli(argv: list[str] | None) -> int:
     """Run LightningCLI on `argv` (None: sys.argv, as the console script)."""
     from lightning.pytorch import LightningDataModule, LightningModule
@@ -60,6 +73,21 @@ def _lightning_cli(argv: list[str] | None) -> int:
                 read_checkpoint(path)
 
         before_validate = before_test
+
+        def _parse_ckpt_path(self) -> None:
+            """Lightning puts a checkpoint's hyper-parameters over the whole config, so
+            `test --model.init_args.audio_scale 3 --ckpt_path ...` would silently sample
+            with the trained scale: settings named on the command line win here."""
+            sub = self.config.get("subcommand")
+            named = {}
+            for key in model_args_named(sys.argv[1:] if argv is None else argv):
+                try:
+                    named[key] = self.config[f"{sub}.model.init_args.{key}"]
+                except KeyError:
+                    continue
+            super()._parse_ckpt_path()
+            for key, value in named.items():
+                self.config[f"{sub}.model.init_args.{key}"] = value
 
     MicroscopeCLI(
         LightningModule,

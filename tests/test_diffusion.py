@@ -178,3 +178,14 @@ def test_guidance_combination(batch: bool) -> None:
     torch.testing.assert_close(out, torch.full_like(x, 2.5 * 3))
     out = guided_model_fn(_Probe(), *conds, audio_scale=1.0, motion_scale=1.0)(x, t)
     torch.testing.assert_close(out, torch.full_like(x, 3.0))
+
+
+def test_mouth_loss_weights_cover_the_cells_under_the_box() -> None:
+    from microscope_pl.modules.diffusion_module import mouth_loss_weights
+
+    boxes = torch.tensor([[40.0, 80.0, 90.0, 100.0], [-1.0, -1.0, -1.0, -1.0]])
+    weights = mouth_loss_weights(boxes, 128, (8, 8), 10.0)  # 16 px cells
+    assert weights.shape == (2, 1, 1, 8, 8)
+    heavy = (weights[0, 0, 0] > 1).nonzero().tolist()
+    assert heavy == [[r, c] for r in (5, 6) for c in (2, 3, 4, 5)]  # rows 80-112, columns 32-96 px
+    assert float(weights[0].max()) == 11.0 and bool((weights[1] == 1).all())  # no box: the plain loss

@@ -61,6 +61,25 @@ def test_diffusion_test_reports_sync_and_fs(diffusion_ckpt, trained, synth_root,
         assert key in out, key
 
 
+def test_test_time_settings_on_the_command_line_beat_the_checkpoint(diffusion_ckpt, trained, synth_root,
+                                                                     monkeypatch):
+    # Lightning applies the checkpoint's hyper-parameters over the config; the guidance
+    # scale named here must still be the one the test samples with
+    from microscope_pl.cli import model_args_named
+    from microscope_pl.modules.diffusion_module import LatentDiffusionModule
+
+    assert model_args_named(["--model.init_args.audio_scale", "3", "--model.sampler=dpm", "--model.class_path",
+                             "x", "--data.init_args.num_frames", "8"]) == ["audio_scale", "sampler"]
+    seen = []
+    monkeypatch.setattr(LatentDiffusionModule, "on_test_start",
+                        lambda self: seen.append((self.hparams.audio_scale, self.hparams.cond_dim)), raising=False)
+    monkeypatch.chdir(trained)
+    code = main(["test", "--config", str(REPO / "configs/diffusion.yaml"), *data_args(synth_root), *TINY_UNET, *CLIPS,
+                 "--model.init_args.audio_scale", "3", "--trainer.limit_test_batches", "1",
+                 "--ckpt_path", str(diffusion_ckpt)])
+    assert code == 0 and seen == [(3.0, 16)]
+
+
 def test_dawn_baseline_config_diffuses_h4_dynamics(trained, synth_root, monkeypatch):
     monkeypatch.chdir(trained)
     baseline = ["--config", str(REPO / "configs/ablations/dawn_baseline.yaml")]

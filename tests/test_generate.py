@@ -102,9 +102,12 @@ def test_api_with_pose_file_and_timings(env: dict[str, Path], tmp_path: Path) ->
     assert report.denoise_s > 0 and report.decode_s > 0 and report.audio_features == "logmel"
     assert any("face-centred crop" in m for m in messages)
     path = generate(env["diffusion"], "astronaut", env["speech"], tmp_path / "b.mp4", pose="still", steps=1,
-                    progress=False, device="cpu", log=messages.append)
+                    progress=False, device="cpu", precision="bf16", log=messages.append)  # the GPU default's path
     assert path == tmp_path / "b.mp4" and path.is_file()
     assert "denoise" in messages[-1] and "decode" in messages[-1]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        run_generation(env["diffusion"], "astronaut", env["speech"], tmp_path / "c.mp4", precision="fp8")
+    assert not (tmp_path / "c.mp4").exists()
 
 
 def test_chunked_decoding_equals_unchunked(env: dict[str, Path]) -> None:

@@ -235,6 +235,17 @@ def test_audio_token_keeps_the_frame_level() -> None:
     assert torch.isfinite(enc(torch.full((1, 2, 16), -1.0), None, None)).all()  # silence: a constant frame
 
 
+@pytest.mark.parametrize("context", [0, 2])
+def test_audio_token_sees_its_context_window_and_no_further(context: int) -> None:
+    enc = ConditionEncoder(audio_dim=16, motion_dim=0, cond_dim=8, audio_context=context)
+    audio = torch.randn(1, 9, 16)
+    moved = audio.clone()
+    moved[0, 4] += 1.0  # change frame 4 only
+    changed = (enc(moved, None, None) - enc(audio, None, None)).abs().amax(dim=(0, 2, 3)) > 1e-6
+    assert changed.tolist() == [abs(i - 4) <= context for i in range(9)]
+    assert enc(torch.randn(2, 1, 16), None, None).shape == (2, 1, 1, 8)  # one frame: replicate padding
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -76,8 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-steps", type=int, default=2, help="training steps timed (the last one is reported)" + d)
     p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-time limit per case" + d)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto" + d)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast of generation and of the training step (bf16 = Lightning's bf16-mixed)" + d)
     p.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     p.add_argument("--config-dir", default=None, help="where diffusion.yaml etc. live (default: the repo's configs/)")
+    p.add_argument("--overlays", nargs="+", default=[],
+                   help="configs applied over the base ones, matched by name (e.g. configs/hdtf/*.yaml: paper widths)")
     p.add_argument("--out", default="reports/bench", help="folder for report.md, report.json, report.png" + d)
     p.add_argument("--smoke", action="store_true", help="tiny widths, 64x64, frames 8 and 16, 1 step (seconds)")
     p.set_defaults(func=run_bench)
@@ -99,10 +103,14 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--latents", *args.latents, "--mem-cap-gb", f"{args.mem_cap_gb:g}",
               "--decode-sample-chunks", str(args.decode_sample_chunks), "--train-steps", str(args.train_steps),
               "--timeout-s", f"{args.timeout_s:g}", "--device", args.device]
+    if args.precision != "fp32":
+        parts += ["--precision", args.precision]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     if args.config_dir:
         parts += ["--config-dir", args.config_dir]
+    if args.overlays:
+        parts += ["--overlays", *args.overlays]
     return shlex.join(parts + ["--out", str(args.out)])
 
 
@@ -117,15 +125,28 @@ def _init_args(path: Path) -> dict[str, Any]:
     return dict((yaml.safe_load(path.read_text()) or {}).get("model", {}).get("init_args", {}) or {})
 
 
-def config_widths(config_dir: str | None) -> tuple[dict[str, dict[str, Any]], str]:
-    """Network widths of the trained configs -> ({"unet", "fde", "lmae", "sampling"}, folder)."""
+OVERLAY_PREFIXES = {"diffusion": "diffusion.yaml", "phase1_fde": "phase1_fde.yaml", "phase2_lmae": "phase2_lmae.yaml"}
+
+
+def config_widths(config_dir: str | None, overlays: list[str] = ()) -> tuple[dict[str, dict[str, Any]], str]:
+    """Network widths of the trained configs -> ({"unet", "fde", "lmae", "sampling"}, folder).
+
+    Each overlay (e.g. configs/hdtf/phase1_fde_512.yaml) updates the base config
+    its file name starts with, as a second `--config` would in `microscope fit`.
+    """
     folder = Path(config_dir) if config_dir else Path(__file__).resolve().parents[2] / "configs"
     if not config_dir and not folder.is_dir():
         folder = Path("configs")
-    diffusion = _init_args(folder / "diffusion.yaml")
+    args = {name: _init_args(folder / name) for name in OVERLAY_PREFIXES.values()}
+    for overlay in overlays:
+        base = next((b for prefix, b in OVERLAY_PREFIXES.items() if Path(overlay).name.startswith(prefix)), None)
+        if base is None:
+            raise ValueError(f"overlay {overlay}: its name must start with one of {', '.join(OVERLAY_PREFIXES)}")
+        args[base].update(_init_args(Path(overlay)))
+    diffusion = args["diffusion.yaml"]
     sampling = {k: diffusion[k] for k in SMOKE_WIDTHS["sampling"] if k in diffusion}
     widths = {"unet": {k: v for k, v in diffusion.items() if k not in sampling},
-              "fde": _init_args(folder / "phase1_fde.yaml"), "lmae": _init_args(folder / "phase2_lmae.yaml"),
+              "fde": args["phase1_fde.yaml"], "lmae": args["phase2_lmae.yaml"],
               "sampling": {**SMOKE_WIDTHS["sampling"], **sampling}}
     return widths, str(folder)
 
@@ -224,6 +245,7 @@ def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem:
     import torch
 
     from microscope_pl.diffusion.samplers import guided_model_fn
+    from microscope_pl.inference.generate import inference_autocast
 
     codec, unet, size, n = nets["codec"], nets["unet"].eval(), case["size"], case["frames"]
     gen = torch.Generator().manual_seed(0)
@@ -232,24 +254,32 @@ def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem:
     pose, blink = torch.zeros(1, n, 6, device=device), torch.zeros(1, n, 2, device=device)
     side = size // codec.latent_down
 
+    def denoise(steps: int) -> "torch.Tensor":
+        with torch.no_grad(), inference_autocast(case["precision"], device):  # as LatentDiffusionModule.sample_latents
+            image_cond = nets["image_cond"](codec.fde.encode(reference)[-1])
+            model_fn = guided_model_fn(unet, image_cond, audio, pose, blink, audio_scale=1.0, motion_scale=1.0,
+                                       batch_branches=n <= 64)
+            return nets["sampler"](model_fn, (1, codec.latent_channels, n, side, side), nets["schedule"],
+                                   steps=steps, generator=gen, device=device)
+
+    if device.type == "cuda":  # the first call pays CUDA/cuDNN start-up and kernel selection: not timed
+        denoise(1)
+        chunk_z = torch.zeros(1, codec.latent_channels, min(n, case["decode_chunk"]), side, side, device=device)
+        with torch.no_grad(), inference_autocast(case["precision"], device):
+            next(iter(codec.decode_chunks(codec.fde.encode(reference), chunk_z, case["decode_chunk"])))
     mem.reset()
     start = time.perf_counter()
-    with torch.no_grad():  # as LatentDiffusionModule.sample_latents
-        image_cond = nets["image_cond"](codec.fde.encode(reference)[-1])
-        model_fn = guided_model_fn(unet, image_cond, audio, pose, blink, audio_scale=1.0, motion_scale=1.0,
-                                   batch_branches=n <= 64)
-        z = nets["sampler"](model_fn, (1, codec.latent_channels, n, side, side), nets["schedule"],
-                            steps=case["steps"], generator=gen, device=device)
+    z = denoise(case["steps"])
     _sync(device)
     denoise_s = time.perf_counter() - start
     denoise = {"steps": case["steps"], "seconds": denoise_s, "per_step_s": denoise_s / case["steps"], **mem.read()}
-    del image_cond, model_fn
 
     chunk = case["decode_chunk"]
     mem.reset()
     start = time.perf_counter()
     decoded = 0
-    with torch.no_grad():  # as generate: E(x_src) once, then chunks streamed out as uint8
+    # as generate: E(x_src) once, then chunks streamed out as uint8
+    with torch.no_grad(), inference_autocast(case["precision"], device):
         features = codec.fde.encode(reference)
         for i, frames in enumerate(codec.decode_chunks(features, z, chunk)):
             frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -268,6 +298,8 @@ def _train_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem: Pe
     import torch
     import torch.nn.functional as F
 
+    from microscope_pl.inference.generate import inference_autocast
+
     codec, unet, image_cond, sched = nets["codec"], nets["unet"].train(), nets["image_cond"].train(), nets["schedule"]
     n, size = case["frames"], case["size"]
     gen = torch.Generator().manual_seed(0)
@@ -280,15 +312,16 @@ def _train_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem: Pe
     times = []
     for _ in range(case["train_steps"]):
         start = time.perf_counter()
-        z0 = codec.encode(frames[:, 0], frames)  # frozen codec, no_grad inside
-        with torch.no_grad():
-            features = codec.fde.encode(frames[:, 0])
-        t = sched.sample_timesteps(1, device=device)
-        noise = torch.randn_like(z0)
-        out = unet(sched.q_sample(z0, t, noise), t, image_cond(features[-1]), audio, pose, blink,
-                   drop_audio=torch.zeros(1, dtype=torch.bool, device=device),
-                   drop_motion=torch.zeros(1, dtype=torch.bool, device=device))
-        loss = F.mse_loss(out.float(), sched.target(z0, noise, t).float())
+        with inference_autocast(case["precision"], device):  # what Lightning's *-mixed precision does
+            z0 = codec.encode(frames[:, 0], frames)  # frozen codec, no_grad inside
+            with torch.no_grad():
+                features = codec.fde.encode(frames[:, 0])
+            t = sched.sample_timesteps(1, device=device)
+            noise = torch.randn_like(z0)
+            out = unet(sched.q_sample(z0, t, noise), t, image_cond(features[-1]), audio, pose, blink,
+                       drop_audio=torch.zeros(1, dtype=torch.bool, device=device),
+                       drop_motion=torch.zeros(1, dtype=torch.bool, device=device))
+            loss = F.mse_loss(out.float(), sched.target(z0, noise, t).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -323,6 +356,7 @@ def _worker(case: dict[str, Any], conn: Any, cap_bytes: int) -> None:
         codec = nets["codec"]
         side = case["size"] // codec.latent_down
         conn.send({"event": "built", "torch": torch.__version__, "device": str(device),
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                    "threads": torch.get_num_threads(), "runtime_rss_gb": runtime,
                    "model_rss_gb": _status_kb("VmRSS") * 1024 / GB,
                    "latent_shape": [codec.latent_channels, case["frames"], side, side],
@@ -394,7 +428,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if min(args.sizes) < 32 or min(args.frames) < 1 or args.mem_cap_gb <= 0:
         raise ValueError(f"need sizes >= 32, frames >= 1 and a positive cap; got sizes {args.sizes}, "
                          f"frames {args.frames}, cap {args.mem_cap_gb}")
-    widths, config_dir = config_widths(args.config_dir)
+    widths, config_dir = config_widths(args.config_dir, args.overlays)
+    if args.overlays:
+        config_dir += " + " + " + ".join(args.overlays)
     if args.smoke:
         widths = {k: dict(v) for k, v in SMOKE_WIDTHS.items()}
     out = Path(args.out)
@@ -402,7 +438,8 @@ def run_bench(args: argparse.Namespace) -> int:
     cap = int(args.mem_cap_gb * GB)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(WORKER_MODULES)  # import torch once; each case is a fresh fork of that
-    base = {"device": args.device, "threads": args.threads, "widths": widths, "steps": args.steps,
+    base = {"device": args.device, "precision": args.precision, "threads": args.threads, "widths": widths,
+            "steps": args.steps,
             "decode_chunk": int(widths["sampling"].get("decode_chunk", 16)),
             "decode_sample_chunks": args.decode_sample_chunks, "train_steps": args.train_steps}
     rows: list[dict[str, Any]] = []
@@ -427,7 +464,8 @@ def run_bench(args: argparse.Namespace) -> int:
               "settings": {"mem_cap_gb": args.mem_cap_gb, "steps_run": args.steps,
                            "steps_projected": int(widths["sampling"]["sample_steps"]),
                            "decode_chunk": base["decode_chunk"], "decode_sample_chunks": args.decode_sample_chunks,
-                           "train_frames": TRAIN_FRAMES, "device": args.device, "timeout_s": args.timeout_s},
+                           "train_frames": TRAIN_FRAMES, "device": args.device, "precision": args.precision,
+                           "timeout_s": args.timeout_s},
               "cases": rows}
     write_report(out, report)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}", flush=True)
@@ -494,7 +532,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "# Generation benchmark: MDCF latent (4 x H/32) vs DAWN-style FDE latent (3 x H/4)", "",
         f"Reproduce: `{report['command']}`", "",
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, Python "
-        f"{report['machine']['python']}, torch {built.get('torch', '?')}, device {built.get('device', '?')}, "
+        f"{report['machine']['python']}, torch {built.get('torch', '?')}, device {built.get('device', '?')} "
+        f"({built.get('device_name', '')}, precision {settings.get('precision', 'fp32')}), "
         f"{built.get('threads', '?')} torch threads. Widths: {report['config_dir']} "
         "(denoiser from diffusion.yaml, FDE from phase1_fde.yaml, LMAE from phase2_lmae.yaml; random weights).", "",
         "Method: every case runs in its own process under a memory cap of "
@@ -507,7 +546,9 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "**extrapolates** to the clip length. Generation = both. Peaks are the process RSS high-water mark "
         "per phase (VmHWM reset between phases), so they include the Python + torch runtime "
         f"(~{_gb(built.get('runtime_rss_gb'))} GB) and the weights (one denoiser copy; a checkpoint adds its EMA "
-        "twin, 4 bytes per denoiser parameter).", "",
+        "twin, 4 bytes per denoiser parameter)."
+        + (" On CUDA one untimed denoising step and decoder chunk run first (start-up and kernel selection), "
+           "and \"peak GPU\" is torch's peak allocation." if gpu else ""), "",
         "| latent | size | frames | latent c x n x h x w | ratio | denoise s/step | denoise x"
         f"{steps} s | decode s (extrap.) | generation s | peak denoise GB | peak decode GB | peak generation GB |"
         + (" peak GPU GB |" if gpu else ""),

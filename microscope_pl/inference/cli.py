@@ -14,7 +14,7 @@ DEFAULT_SENTENCE = "Hello! This portrait was animated by a latent video diffusio
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `generate` subcommand (its `func(args) -> int` runs it)."""
-    from microscope_pl.inference.inputs import DEFAULT_MAX_SECONDS
+    from microscope_pl.inference.inputs import DEFAULT_MAX_SECONDS, PRECISIONS
 
     p = subparsers.add_parser(
         "generate", help="portrait + speech -> talking-head video (mp4 with the speech muxed)",
@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="refuse longer audio (the whole clip is denoised at once)" + d)
     p.add_argument("--decode-chunk", type=int, default=16, help="frames decoded at once (bounds decoder memory)" + d)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N" + d)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on a GPU that has it, else fp32" + d)
     p.add_argument("--audio-features", default=None,
                    help="audio features if the checkpoint does not say: logmel or hubert:<model id or dir>")
     p.add_argument("--no-face-crop", action="store_true", help="centre-crop the portrait instead of finding the face")
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             checkpoint, args.image, audio, args.out, pbnet_checkpoint=args.pbnet_checkpoint, seed=args.seed,
             steps=args.steps, audio_scale=args.audio_scale, motion_scale=args.motion_scale,
             resolution=args.resolution, fps=args.fps, pose=args.pose, reference_pose=args.reference_pose,
-            decode_chunk=args.decode_chunk, device=args.device, progress=not args.no_progress,
+            decode_chunk=args.decode_chunk, device=args.device, precision=args.precision,
+            progress=not args.no_progress,
             max_seconds=args.max_seconds, audio_features_kind=args.audio_features,
             face_crop=not args.no_face_crop)
     print(path, flush=True)

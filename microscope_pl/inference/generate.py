@@ -30,6 +30,7 @@ import torch
 
 from microscope_pl.inference.inputs import (
     DEFAULT_MAX_SECONDS,
+    PRECISIONS,
     SAMPLE_RATE,
     _one_line,
     crop_portrait,
@@ -100,6 +101,21 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return dev
+
+
+def inference_autocast(precision: str, device: torch.device) -> Any:
+    """Autocast context for generation: "auto" is bf16 on a GPU that has it, else fp32.
+
+    Only matmuls and convolutions run in the lower precision; the sampler's
+    updates stay fp32 (x_t is fp32, so each update promotes back).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def resolve_audio_features(checkpoint: str | Path, hparams: Any, override: str | None = None) -> str:
@@ -286,6 +302,7 @@ def run_generation(
     reference_pose: str = "first",
     decode_chunk: int = 16,
     device: str = "auto",
+    precision: str = "auto",
     progress: bool = True,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     audio_features_kind: str | None = None,
@@ -315,6 +332,8 @@ def run_generation(
             relative to the portrait). Same result for pbnet and still.
         decode_chunk: frames decoded at once by LMAE + FDE (bounds decoder memory).
         device: "auto", "cpu", "cuda", "cuda:1", ...
+        precision: "auto" (bf16 autocast on a GPU that supports it, else fp32),
+            "fp32", "bf16" or "fp16" (autocast of the denoiser and decoders).
         progress: show rich progress bars for denoising and decoding.
         max_seconds: refuse longer audio (the clip is denoised in one piece).
         audio_features_kind: override the audio features ("logmel", "hubert:<id or dir>").
@@ -349,6 +368,7 @@ def run_generation(
     if fps != TRAINED_FPS:
         say(f"note: the model was trained at {TRAINED_FPS} fps; motion at {fps:g} fps is extrapolated")
     dev = resolve_device(device)
+    autocast = inference_autocast(precision, dev)  # a bad precision fails before any work
     square, how = crop_portrait(rgb, size, face_crop)
     say(f"portrait {image}: {how}")
     kind = resolve_audio_features(checkpoint, hp, audio_features_kind)
@@ -366,7 +386,7 @@ def run_generation(
     _sync(dev)
     prepared = time.perf_counter()
 
-    with _progress(progress) as bars:
+    with _progress(progress) as bars, autocast:
         # ---- denoise all N frames together (non-autoregressive, eq. 10)
         steps_task = bars.add_task("denoise", total=total_steps) if bars is not None else None
         callback = (lambda i, n: bars.update(steps_task, completed=i + 1, total=n)) if bars is not None else None

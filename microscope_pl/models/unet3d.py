@@ -103,12 +103,15 @@ class ConditionEncoder(nn.Module):
     fully dropped sample carries no trace of the condition values.
     """
 
-    def __init__(self, audio_dim: int, motion_dim: int, cond_dim: int) -> None:
+    def __init__(self, audio_dim: int, motion_dim: int, cond_dim: int, audio_context: int = 0) -> None:
         """
         Args:
             audio_dim: per-frame audio feature width (80 log-mel, 1024 HuBERT).
             motion_dim: ``pose_dim + blink_dim`` (0 disables the motion token).
             cond_dim: token width.
+            audio_context: frames of audio on each side that each frame's
+                audio token sees (a temporal conv of width ``2 k + 1``); 0 =
+                the frame's own features only.
         """
         super().__init__()
         # Audio features are homogeneous (mel bins / HuBERT channels) but of
@@ -117,8 +120,12 @@ class ConditionEncoder(nn.Module):
         # loudness that opens the mouth, so the level (mean) and spread (std)
         # go in beside it.
         self.audio_norm = nn.LayerNorm(audio_dim)
-        self.audio = nn.Sequential(
-            nn.Linear(audio_dim + 2, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        # A mouth shape depends on the sounds around its frame, not one 40 ms
+        # slice: with audio_context the first layer reads a window of frames
+        # (replicate-padded, so clip ends see their nearest audio).
+        self.audio_in = nn.Conv1d(audio_dim + 2, cond_dim, 2 * audio_context + 1,
+                                  padding=audio_context, padding_mode="replicate")
+        self.audio_out = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, cond_dim))
         self.null_audio = nn.Parameter(torch.randn(cond_dim) * 0.02)
         self.motion_dim = motion_dim
         if motion_dim > 0:
@@ -134,7 +141,8 @@ class ConditionEncoder(nn.Module):
                 drop_audio: Tensor | None = None,
                 drop_motion: Tensor | None = None) -> Tensor:
         level = torch.cat([audio.mean(-1, keepdim=True), audio.std(-1, correction=0, keepdim=True)], dim=-1)
-        tok_a = self.audio(torch.cat([self.audio_norm(audio), level], dim=-1))
+        feats = rearrange(torch.cat([self.audio_norm(audio), level], dim=-1), "b n d -> b d n")
+        tok_a = self.audio_out(rearrange(self.audio_in(feats), "b d n -> b n d"))
         if drop_audio is not None:
             tok_a = torch.where(drop_audio.view(-1, 1, 1), self.null_audio.to(tok_a.dtype), tok_a)
         if self.motion_dim == 0:
@@ -260,6 +268,7 @@ class UNet3D(nn.Module):
         cond_dim: int = 128,
         dropout: float = 0.0,
         temporal_conv: bool = True,
+        audio_context: int = 0,
     ) -> None:
         """
         Args:
@@ -286,6 +295,8 @@ class UNet3D(nn.Module):
             cond_dim: width of the condition tokens.
             dropout: ResBlock dropout.
             temporal_conv: add a kernel-3 temporal conv inside every ResBlock.
+            audio_context: audio frames on each side seen by a frame's audio
+                token (see :class:`ConditionEncoder`).
         """
         super().__init__()
         if cond_mode not in ("cross_attn", "film"):
@@ -296,6 +307,8 @@ class UNet3D(nn.Module):
         if bad:
             raise ValueError(f"attn_levels={tuple(attn_levels)} has levels outside "
                              f"channel_mult={tuple(channel_mult)} (0..{len(channel_mult) - 1})")
+        if audio_context < 0:
+            raise ValueError(f"audio_context must be >= 0, got {audio_context}")
         if temporal_window is not None and temporal_window < 0:
             raise ValueError(f"temporal_window must be >= 0 or None, got {temporal_window}")
         for mult in channel_mult:
@@ -316,7 +329,7 @@ class UNet3D(nn.Module):
 
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.cond = ConditionEncoder(audio_dim, pose_dim + blink_dim, cond_dim)
+        self.cond = ConditionEncoder(audio_dim, pose_dim + blink_dim, cond_dim, audio_context)
         self.film: nn.Module | None = None
         if cond_mode == "film":
             self.film = nn.Sequential(
