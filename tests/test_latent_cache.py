@@ -62,6 +62,24 @@ def test_cached_clips_skip_frames_and_keep_the_curriculum(cache_file, synth_root
         ClipDataset(synth_root, "train", num_frames=8, image_size=64, latents={})
 
 
+def test_cached_clips_carry_their_reference_and_decode_no_video(cache_file, synth_root, monkeypatch):
+    videos = load_cache(cache_file)["videos"]
+    data = ClipDataset(synth_root, "train", num_frames=8, reference="random", image_size=64, samples_per_video=2,
+                       latents=videos)
+    decode = data.store.frames
+    monkeypatch.setattr(data.store, "frames", lambda *a: pytest.fail("decoded video for a cached clip"))
+    items = [data[i] for i in range(len(data))]
+    monkeypatch.undo()
+    for item in items:
+        decoded = data._images(decode(item["name"], [item["ref_index"]]))[0]
+        torch.testing.assert_close(item["reference"], decoded, atol=1 / 255, rtol=0)  # stored as uint8
+    old = {name: {k: v for k, v in entry.items() if k != "ref_frames"} for name, entry in videos.items()}
+    older = ClipDataset(synth_root, "train", num_frames=8, reference="random", image_size=64, samples_per_video=2,
+                        latents=old)  # a cache from before ref_frames: the reference is decoded
+    item = older[0]
+    torch.testing.assert_close(item["reference"], data._images(decode(item["name"], [item["ref_index"]]))[0])
+
+
 def _fit_args(trained, synth_root):
     """A one-step diffusion fit in the current directory, upstream named explicitly."""
     return ["fit", "--config", str(REPO / "configs/diffusion.yaml"), *data_args(synth_root), *TINY_UNET, *CLIPS,

@@ -269,9 +269,10 @@ class ClipDataset(_VideoDataset):
         name = self.names[index // self.samples_per_video]
         count, n = self.frame_counts[name], self.num_frames
         gen = self._generator(index)
-        if self.latents is not None:  # the clip as cached latents: decode the reference only
+        if self.latents is not None:  # the clip as cached latents: no video decoding, or the reference only
             start, ref, clip = self._cached_clip(name, count, gen)
-            images = self._images(self.store.frames(name, [ref]))
+            cached = clip.pop("reference", None)
+            images = cached[None] if cached is not None else self._images(self.store.frames(name, [ref]))
         else:
             start = self._randint(count - n + 1, gen)
             ref = start if self.reference == "first" else self._randint(count, gen)
@@ -307,6 +308,9 @@ class ClipDataset(_VideoDataset):
         else:
             slot, start = self._randint(len(refs), gen), self._randint(count - n + 1, gen)
         out = {"latent_mean": entry["mean"][slot, start:start + n].float()}
+        refs_rgb = entry.get("ref_frames")
+        if refs_rgb is not None and refs_rgb.shape[-1] == self.image_size:
+            out["reference"] = refs_rgb[slot].float().div(255.0)
         if "logvar" in entry:
             out["latent_logvar"] = entry["logvar"][slot, start:start + n].float()
         return start, refs[slot], out

@@ -13,8 +13,14 @@ File layout (one ``torch.save`` dict, loadable with ``weights_only=True``)::
     {"format": 1, "latent": "mdcf" | "fde", "image_size": int,
      "upstream": {"phase": str, "path": str, "sha256": str},
      "videos": {name: {"frames": int, "ref_indices": long [R],
+                       "ref_frames": uint8 [R, 3, S, S] (S = image_size),
                        "mean": half [R, T, c, h, w],
                        "logvar": half [R, T, c, h, w] (MDCF only)}}}
+
+The reference frames ride along so that training from the cache never
+decodes video: decoding whole videos for one frame each was what bounded
+the training steps on a GPU (``ref_frames`` is optional: older caches
+decode the reference instead).
 
 ``mean``/``logvar`` are the raw LMAE statistics (before the diffusion
 module's latent scale), so ``latent_source: sample`` still samples eq. 4.
@@ -82,8 +88,9 @@ def build_cache(ckpt_path: str | None, data_root: str | Path, out: str | Path, l
             means.append(mu.transpose(1, 2).half().cpu())
             if logvar is not None:
                 logvars.append(logvar.transpose(1, 2).half().cpu())
-        entry: dict[str, torch.Tensor | int] = {"frames": count, "ref_indices": torch.tensor(refs),
-                                                "mean": torch.cat(means, dim=1)}
+        entry: dict[str, torch.Tensor | int] = {
+            "frames": count, "ref_indices": torch.tensor(refs), "mean": torch.cat(means, dim=1),
+            "ref_frames": ref_images.mul(255).round().to(torch.uint8).cpu()}
         if logvars:
             entry["logvar"] = torch.cat(logvars, dim=1)
         videos[name] = entry
