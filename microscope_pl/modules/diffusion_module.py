@@ -6,7 +6,6 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from microscope_pl.diffusion.samplers import ddim_sample, dpm_solver_pp_2m_sample, guided_model_fn
@@ -121,7 +120,7 @@ class LatentDiffusionModule(PhaseModule):
             cond_drop_prob: probability of dropping audio, and separately pose/blink,
                 for classifier-free guidance.
             mouth_weight: extra loss weight of the latent cells under the data set's
-                mouth box (0 = the paper's plain loss; see `loss_weights`).
+                mouth box (0 = the paper's plain loss; see `mouth_loss_weights`).
             ema_decay: EMA decay of the denoiser weights used for sampling.
             sampler: "ddim" or "dpm" (DPM-Solver++ 2M).
             sample_steps: sampling steps (DDIM: 20).
@@ -206,7 +205,6 @@ class LatentDiffusionModule(PhaseModule):
             loss = err.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         return loss
-
 
     def _latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised latents `b c n h w`: from `latents cache` statistics when the
