@@ -13,19 +13,14 @@ import pytest
 import torch
 
 from helpers import REPO, TINY_FDE, TINY_LMAE, fit
+from test_diffusion_cli import CLIPS
+from test_diffusion_cli import TINY_UNET as SMALL_UNET
 from microscope_pl.cli import main
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 GPU_BF16 = ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-mixed"]
-TINY_UNET = [
-    "--model.init_args.image_size", "64", "--model.init_args.base_channels", "16",
-    "--model.init_args.channel_mult", "[1]", "--model.init_args.attn_levels", "[0]",
-    "--model.init_args.num_heads", "2", "--model.init_args.cond_dim", "16",
-    "--model.init_args.image_cond_channels", "8", "--model.init_args.sample_steps", "2",
-    "--model.init_args.decode_chunk", "4", "--model.init_args.lpips", "off", "--model.init_args.audio_context", "2",
-    "--data.init_args.num_frames", "8",
-]
+TINY_UNET = [*SMALL_UNET, *CLIPS, "--model.init_args.audio_context", "2"]
 STEPS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
          "--trainer.check_val_every_n_epoch", "1"]
 
