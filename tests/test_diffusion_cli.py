@@ -42,12 +42,14 @@ def test_diffusion_fit_records_upstream_and_freezes_mdcf(diffusion_ckpt, trained
 def test_diffusion_validation_logs_a_video(diffusion_ckpt, trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = set()
+    tags, scalars = set(), {}
     for events in (trained / "logs/diffusion").rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
         accumulator.Reload()
         tags |= set(accumulator.Tags()["images"])
+        scalars.update({tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]})
     assert "val/video_generated|ground_truth" in tags and "val/generated_over_ground_truth" in tags
+    assert -1.0 < scalars["val/audio_gain"] < 1.0  # (shuffled-audio loss - own-audio loss) / shuffled
 
 
 def test_diffusion_test_reports_sync_and_fs(diffusion_ckpt, trained, synth_root, monkeypatch, capsys):

@@ -288,10 +288,17 @@ class LatentDiffusionModule(PhaseModule):
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)
         t = torch.randint(0, self.schedule.num_steps, (b,), generator=gen).to(z0.device)
         noise = torch.randn(z0.shape, generator=gen).to(z0)
+        cond = self.conditions(batch, ema=True)
+        xt, target = self.schedule.q_sample(z0, t, noise), self.schedule.target(z0, noise, t).float()
         with torch.no_grad():
-            out = self.ema(self.schedule.q_sample(z0, t, noise), t, **self.conditions(batch, ema=True))
-        per_sample = (out.float() - self.schedule.target(z0, noise, t).float()).pow(2).mean(dim=(1, 2, 3, 4))
+            out = self.ema(xt, t, **cond)
+        per_sample = (out.float() - target).pow(2).mean(dim=(1, 2, 3, 4))
         self.log("val/loss", per_sample.mean(), prog_bar=True, sync_dist=True, batch_size=b)
+        if b > 1:  # what the audio is worth: the same noisy clips denoised with another clip's audio
+            with torch.no_grad():
+                other = self.ema(xt, t, **{**cond, "audio": cond["audio"].roll(1, dims=0)})
+            shuffled = (other.float() - target).pow(2).mean()
+            self.log("val/audio_gain", (shuffled - per_sample.mean()) / shuffled, sync_dist=True, batch_size=b)
         buckets = (t * NUM_LOSS_BUCKETS // self.schedule.num_steps).tolist()
         for k in range(NUM_LOSS_BUCKETS):
             chosen = [i for i, bk in enumerate(buckets) if bk == k]
