@@ -245,7 +245,7 @@ def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem:
     import torch
 
     from microscope_pl.diffusion.samplers import guided_model_fn
-    from microscope_pl.inference.generate import inference_autocast
+    from microscope_pl.inference.generate import precision_autocast
 
     codec, unet, size, n = nets["codec"], nets["unet"].eval(), case["size"], case["frames"]
     gen = torch.Generator().manual_seed(0)
@@ -255,7 +255,7 @@ def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem:
     side = size // codec.latent_down
 
     def denoise(steps: int) -> "torch.Tensor":
-        with torch.no_grad(), inference_autocast(case["precision"], device):  # as LatentDiffusionModule.sample_latents
+        with torch.no_grad(), precision_autocast(case["precision"], device):  # as LatentDiffusionModule.sample_latents
             image_cond = nets["image_cond"](codec.fde.encode(reference)[-1])
             model_fn = guided_model_fn(unet, image_cond, audio, pose, blink, audio_scale=1.0, motion_scale=1.0,
                                        batch_branches=n <= 64)
@@ -265,7 +265,7 @@ def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem:
     if device.type == "cuda":  # the first call pays CUDA/cuDNN start-up and kernel selection: not timed
         denoise(1)
         chunk_z = torch.zeros(1, codec.latent_channels, min(n, case["decode_chunk"]), side, side, device=device)
-        with torch.no_grad(), inference_autocast(case["precision"], device):
+        with torch.no_grad(), precision_autocast(case["precision"], device):
             next(iter(codec.decode_chunks(codec.fde.encode(reference), chunk_z, case["decode_chunk"])))
     mem.reset()
     start = time.perf_counter()
@@ -279,7 +279,7 @@ def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem:
     start = time.perf_counter()
     decoded = 0
     # as generate: E(x_src) once, then chunks streamed out as uint8
-    with torch.no_grad(), inference_autocast(case["precision"], device):
+    with torch.no_grad(), precision_autocast(case["precision"], device):
         features = codec.fde.encode(reference)
         for i, frames in enumerate(codec.decode_chunks(features, z, chunk)):
             frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -298,7 +298,7 @@ def _train_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem: Pe
     import torch
     import torch.nn.functional as F
 
-    from microscope_pl.inference.generate import inference_autocast
+    from microscope_pl.inference.generate import precision_autocast
 
     codec, unet, image_cond, sched = nets["codec"], nets["unet"].train(), nets["image_cond"].train(), nets["schedule"]
     n, size = case["frames"], case["size"]
@@ -312,7 +312,7 @@ def _train_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem: Pe
     times = []
     for _ in range(case["train_steps"]):
         start = time.perf_counter()
-        with inference_autocast(case["precision"], device):  # what Lightning's *-mixed precision does
+        with precision_autocast(case["precision"], device):  # what Lightning's *-mixed precision does
             z0 = codec.encode(frames[:, 0], frames)  # frozen codec, no_grad inside
             with torch.no_grad():
                 features = codec.fde.encode(frames[:, 0])

@@ -103,8 +103,8 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def inference_autocast(precision: str, device: torch.device) -> Any:
-    """Autocast context for generation: "auto" is bf16 on a GPU that has it, else fp32.
+def precision_autocast(precision: str, device: torch.device) -> Any:
+    """Autocast context for a precision name: "auto" is bf16 on a GPU that has it, else fp32.
 
     Only matmuls and convolutions run in the lower precision; the sampler's
     updates stay fp32 (x_t is fp32, so each update promotes back).
@@ -368,7 +368,7 @@ def run_generation(
     if fps != TRAINED_FPS:
         say(f"note: the model was trained at {TRAINED_FPS} fps; motion at {fps:g} fps is extrapolated")
     dev = resolve_device(device)
-    autocast = inference_autocast(precision, dev)  # a bad precision fails before any work
+    autocast = precision_autocast(precision, dev)  # a bad precision fails before any work
     square, how = crop_portrait(rgb, size, face_crop)
     say(f"portrait {image}: {how}")
     kind = resolve_audio_features(checkpoint, hp, audio_features_kind)

@@ -30,7 +30,7 @@ FACE_CENTRE_SHIFT = 0.2
 DETECT_MAX_SIDE = 640  # detect on a downscaled copy: Haar cost grows with pixels
 
 DEFAULT_MAX_SECONDS = 120.0
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # generation autocast (generate.inference_autocast)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # generation autocast (generate.precision_autocast)
 SILENCE_DBFS = -60.0  # whole-clip RMS below this is treated as silence
 SAMPLE_RATE = 16000
 

@@ -34,11 +34,11 @@ def mouth_loss_weights(boxes: torch.Tensor, image_size: int, latent_hw: tuple[in
     """
     h, w = latent_hw
     cell = image_size / w
-    centres_y = (torch.arange(h, device=boxes.device) + 0.5) * cell
-    centres_x = (torch.arange(w, device=boxes.device) + 0.5) * cell
+    tops = torch.arange(h, device=boxes.device) * cell  # cell i spans [i cell, (i + 1) cell)
+    lefts = torch.arange(w, device=boxes.device) * cell
     x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
-    rows = (centres_y + cell / 2 > y0) & (centres_y - cell / 2 < y1)  # b h: the cell overlaps the box
-    cols = (centres_x + cell / 2 > x0) & (centres_x - cell / 2 < x1)  # b w
+    rows = (tops + cell > y0) & (tops < y1)  # b h: the cell overlaps the box
+    cols = (lefts + cell > x0) & (lefts < x1)  # b w
     inside = rows[:, :, None] & cols[:, None, :] & (boxes >= 0).all(dim=1)[:, None, None]
     return (1.0 + weight * inside.float())[:, None, None]
 
