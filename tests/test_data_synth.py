@@ -11,7 +11,7 @@ import pytest
 
 from microscope_pl.data.audio import (AudioFeatureExtractor, load_audio, logmel_features, loudness_envelope,
                                       mel_filterbank, read_wav)
-from microscope_pl.data.synth import synthesize
+from microscope_pl.data.synth import JAW_DROP, drop_jaw, make_portrait, synthesize
 from microscope_pl.data.video_io import VideoWriter, read_video, video_info
 
 
@@ -114,6 +114,22 @@ def test_mouth_moves_with_loudness(synth_root: Path) -> None:
         # The widest-open frame looks clearly different from the most-closed one.
         widest, shut = int(np.argmax(mouth_open)), int(np.argmin(mouth_open))
         assert np.abs(region[widest] - region[shut]).mean() > 8.0, name
+
+
+def test_the_jaw_drops_as_the_mouth_opens() -> None:
+    """The chin below the mouth moves down by JAW_DROP face widths at full opening; the eyes stay."""
+    p = make_portrait("procedural", 1, np.random.default_rng(0), 128)
+    cx, cy, _, _ = p.mouth
+    fw = p.face_width
+    rows = np.broadcast_to(np.arange(p.template.shape[0], dtype=np.float32)[:, None, None], p.template.shape)
+    for openness in (0.0, 0.5, 1.0):
+        layer = rows.copy()  # each pixel holds its own row: the output shows where it came from
+        drop_jaw(layer, p, openness)
+        chin, brow = int(cy + 0.3 * fw), int(cy - 0.5 * fw)
+        assert layer[chin, int(cx), 0] == pytest.approx(chin - JAW_DROP * fw * openness, abs=0.05)
+        assert layer[brow, int(cx), 0] == brow
+        assert layer[chin, int(cx + 0.95 * fw), 0] == chin  # beside the jaw: nothing moves
+        assert np.all(np.diff(layer[:, int(cx), 0]) >= 0)  # no fold: rows keep their order
 
 
 def test_blinks_close_the_eyes(synth_root: Path) -> None:

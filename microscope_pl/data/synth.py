@@ -3,8 +3,8 @@
 Portraits (scikit-image's astronaut photo, upscaled LFW faces, procedurally
 drawn heads) are animated by smooth head motion (a planar head rotated in 3-D
 and projected: yaw/pitch/roll-like homographies plus scale and translation),
-eye blinks at natural intervals, and a mouth whose opening is the smoothed
-loudness envelope of the clip's own speech (espeak-ng, or synthetic syllables
+eye blinks at natural intervals, and a mouth (lips, cavity and a dropping
+jaw) whose opening is the smoothed loudness envelope of the clip's own speech (espeak-ng, or synthetic syllables
 when espeak-ng is missing). True pose and blink are written per frame, in the
 layout of docs/interfaces.md.
 """
@@ -30,6 +30,7 @@ from microscope_pl.data.video_io import VideoWriter
 
 FPS = 25
 OPEN_EAR, CLOSED_EAR = 0.30, 0.05  # eye aspect ratio of an open / closed eye
+JAW_DROP = 0.1  # how far the chin travels at full mouth opening, in face widths
 
 # Our own sentences: varied phonetics, short enough to leave pauses in a few seconds.
 SENTENCES = [
@@ -310,6 +311,25 @@ def draw_mouth(layer: np.ndarray, mouth: tuple[float, float, float, float], open
         _paint(layer, sl, teeth, np.array([232, 226, 214], np.float32))
 
 
+def drop_jaw(layer: np.ndarray, p: "Portrait", openness: float) -> None:
+    """Move the lower lip and chin down with ``openness``, in place: speech opens the jaw,
+    so the mouth is a motion (that a flow field carries), not only a change of colour."""
+    drop = JAW_DROP * p.face_width * openness
+    cx, cy, _, _ = p.mouth
+    fw = p.face_width
+    x0, x1 = max(0, int(cx - 0.9 * fw)), min(layer.shape[1], int(cx + 0.9 * fw) + 1)
+    y0, y1 = max(0, int(cy - 0.2 * fw)), min(layer.shape[0], int(cy + 0.8 * fw) + 1)
+    if drop < 0.05 or x1 <= x0 or y1 <= y0:
+        return
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    below_lips = 1.0 / (1.0 + np.exp(-(yy - cy) / (0.05 * fw)))  # the upper lip stays
+    above_neck = np.clip((cy + 0.6 * fw - yy) / (0.3 * fw), 0.0, 1.0)  # the neck stretches
+    across = np.exp(-(((xx - cx) / (0.4 * fw)) ** 2))
+    # Backward map: slopes stay below 1 / drop, so the displacement folds nothing.
+    src_y = yy - drop * below_lips * above_neck * across
+    layer[y0:y1, x0:x1] = cv2.remap(layer, xx, src_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
 # ---------------------------------------------------------------- portraits
 
 
@@ -443,6 +463,7 @@ def render_frame(p: Portrait, matrix: np.ndarray, size: int, openness: float, cl
     for eye in p.eyes:
         draw_lid(layer, eye, closure, p.skin)
     draw_mouth(layer, p.mouth, openness, p.lip)
+    drop_jaw(layer, p, openness)
     if p.background is None:
         out = cv2.warpPerspective(layer, matrix, (size, size), flags=cv2.INTER_LINEAR,
                                   borderMode=cv2.BORDER_REFLECT)
@@ -479,17 +500,19 @@ def _write_video(folder: Path, portrait: Portrait, rng: np.random.Generator, siz
     ear = portrait.open_ear * rng.uniform(0.9, 1.1)
     blink = np.stack([ear * (1 - closure) + CLOSED_EAR * closure] * 2, axis=1).astype(np.float32)
     speak = gaussian_filter1d(openness, 4.0)  # heads nod a little while speaking
-    yaw = 9.0 * smooth_noise(rng, frames, 14.0)
-    pitch = 5.0 * smooth_noise(rng, frames, 12.0) + 4.0 * (speak - speak.mean())
-    roll = 4.0 * smooth_noise(rng, frames, 16.0)
-    scale = 1.0 + 0.035 * smooth_noise(rng, frames, 20.0)
-    shift = 0.025 * size * np.stack([smooth_noise(rng, frames, 18.0), smooth_noise(rng, frames, 18.0)], 1)
+    # Head motion of a seated speaker (HDTF-like): a few degrees, small drift.
+    yaw = 6.0 * smooth_noise(rng, frames, 14.0)
+    pitch = 3.5 * smooth_noise(rng, frames, 12.0) + 3.0 * (speak - speak.mean())
+    roll = 2.5 * smooth_noise(rng, frames, 16.0)
+    scale = 1.0 + 0.025 * smooth_noise(rng, frames, 20.0)
+    shift = 0.015 * size * np.stack([smooth_noise(rng, frames, 18.0), smooth_noise(rng, frames, 18.0)], 1)
     ox, oy = portrait.origin
     to_frame = np.array([[1, 0, -ox], [0, 1, -oy], [0, 0, 1.0]])
     pivot = (portrait.pivot[0] - ox, portrait.pivot[1] - oy)
     pose = np.zeros((frames, 6), np.float32)
     mcx, mcy, mw, mh = portrait.mouth
     mouth_box = np.array([np.inf, np.inf, -np.inf, -np.inf])
+    jaw = JAW_DROP * portrait.face_width  # the lower lip's travel
     eye_boxes = [np.array([np.inf, np.inf, -np.inf, -np.inf]) for _ in portrait.eyes]
     chunk: list[np.ndarray] = []
     with VideoWriter(folder / "video.mp4", FPS, size, audio=wave) as writer:
@@ -499,7 +522,7 @@ def _write_video(folder: Path, portrait: Portrait, rng: np.random.Generator, siz
             c = m @ np.array([*portrait.face_centre, 1.0])
             pose[t] = [yaw[t], pitch[t], roll[t], portrait.face_width * scale[t] / size,
                        c[0] / c[2] / size - 0.5, c[1] / c[2] / size - 0.5]
-            box = _box_through(m, mcx, mcy, mw / 2 + 1, mh / 2 + max(1.0, mh * 0.2) + 1)
+            box = _box_through(m, mcx, mcy, mw / 2 + 1, mh / 2 + max(1.0, mh * 0.2) + jaw + 1)
             mouth_box = np.concatenate([np.minimum(mouth_box[:2], box[:2]), np.maximum(mouth_box[2:], box[2:])])
             for i, (ex, ey, ew, eh) in enumerate(portrait.eyes):
                 box = _box_through(m, ex, ey, ew * 0.6, eh * 0.8)
