@@ -4,9 +4,9 @@ Portraits (scikit-image's astronaut photo, upscaled LFW faces, procedurally
 drawn heads) are animated by smooth head motion (a planar head rotated in 3-D
 and projected: yaw/pitch/roll-like homographies plus scale and translation),
 eye blinks at natural intervals, and a mouth (lips, cavity and a dropping
-jaw) whose opening is the smoothed loudness envelope of the clip's own speech (espeak-ng, or synthetic syllables
-when espeak-ng is missing). True pose and blink are written per frame, in the
-layout of docs/interfaces.md.
+jaw) whose opening is the smoothed loudness envelope of the clip's own speech
+(espeak-ng, or synthetic syllables when espeak-ng is missing). True pose and
+blink are written per frame, in the layout of docs/interfaces.md.
 """
 
 from __future__ import annotations
