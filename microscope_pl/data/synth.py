@@ -311,7 +311,7 @@ def draw_mouth(layer: np.ndarray, mouth: tuple[float, float, float, float], open
         _paint(layer, sl, teeth, np.array([232, 226, 214], np.float32))
 
 
-def drop_jaw(layer: np.ndarray, p: "Portrait", openness: float) -> None:
+def drop_jaw(layer: np.ndarray, p: Portrait, openness: float) -> None:
     """Move the lower lip and chin down with ``openness``, in place: speech opens the jaw,
     so the mouth is a motion (that a flow field carries), not only a change of colour."""
     drop = JAW_DROP * p.face_width * openness
@@ -325,7 +325,7 @@ def drop_jaw(layer: np.ndarray, p: "Portrait", openness: float) -> None:
     below_lips = 1.0 / (1.0 + np.exp(-(yy - cy) / (0.05 * fw)))  # the upper lip stays
     above_neck = np.clip((cy + 0.6 * fw - yy) / (0.3 * fw), 0.0, 1.0)  # the neck stretches
     across = np.exp(-(((xx - cx) / (0.4 * fw)) ** 2))
-    # Backward map: slopes stay below 1 / drop, so the displacement folds nothing.
+    # Backward map; the weight's slope (at most 5 / fw) times the drop (at most 0.1 fw) is below 1: no fold.
     src_y = yy - drop * below_lips * above_neck * across
     layer[y0:y1, x0:x1] = cv2.remap(layer, xx, src_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
