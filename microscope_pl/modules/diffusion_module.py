@@ -27,9 +27,9 @@ def mouth_loss_weights(boxes: torch.Tensor, image_size: int, latent_hw: tuple[in
                        weight: float) -> torch.Tensor:
     """``b 1 1 h w`` loss weights: 1 + weight on the latent cells that the mouth box touches.
 
-    Not in the paper. The lips are a sliver of a talking head's motion (0.1%
-    of the latent variance on the synthetic set, head motion 34%), so with a
-    plain loss the audio barely pays off in training. ``boxes``: ``b 4``
+    Not in the paper: an option for data where the lips are a sliver of the
+    motion, so that a plain loss gains little from the audio (it did not help
+    on the earlier synthetic set, README "Measured here"). ``boxes``: ``b 4``
     (x0, y0, x1, y1) in pixels; samples without one (-1s) weigh uniformly.
     """
     h, w = latent_hw
