@@ -51,7 +51,7 @@ test-gpu:
 	$(PY) -m pytest -q -m gpu
 
 data:
-	$(MICROSCOPE) data synth --out data/synth --videos 40 --seconds 8 --size 128 $(ARGS)
+	$(MICROSCOPE) data synth --out-dir data/synth --videos 40 --seconds 8 --size 128 $(ARGS)
 
 phase1:
 	$(MICROSCOPE) fit --config configs/phase1_fde.yaml $(ARGS)
@@ -72,7 +72,7 @@ IMAGE ?= astronaut
 AUDIO ?=
 OUT ?= outputs/generated.mp4
 generate:
-	$(MICROSCOPE) generate --checkpoint checkpoints/diffusion/last.ckpt --image $(IMAGE) $(if $(AUDIO),--audio $(AUDIO)) --out $(OUT) $(ARGS)
+	$(MICROSCOPE) generate --ckpt-path checkpoints/diffusion/last.ckpt --image $(IMAGE) $(if $(AUDIO),--audio $(AUDIO)) --out $(OUT) $(ARGS)
 
 demo:
 	$(PY) -m microscope_pl.demo $(ARGS)

@@ -33,15 +33,15 @@ from typing import Any, Callable, Iterable
 import lightning
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from microscope_pl.checkpointing import read_checkpoint
 from microscope_pl.data.datasets import ClipDataset
+from microscope_pl.metrics.clips import clip_fs, fs_summary
 from microscope_pl.metrics.common import MetricUnavailable
-from microscope_pl.metrics.flow_smoothness import flow_smoothness
 from microscope_pl.metrics.frechet import GaussianStats, InceptionFeatures, frechet_distance
-from microscope_pl.metrics.image import LPIPSMetric
+from microscope_pl.metrics.image import LPIPSMetric, frame_psnr, frame_ssim
 from microscope_pl.models.lmae import LMAE
+from microscope_pl.models.mdcf import DynamicsCodec
 from microscope_pl.phases import load_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,25 +93,38 @@ PAPER_GT = (0.0, 0.0, 0.0, 8.30, 7.05)
 
 # ---------------------------------------------------------------- --smoke settings (64x64, tiny widths)
 
-def _model_args(**values: str) -> tuple[str, ...]:
-    """`--model.init_args.KEY VALUE` pairs."""
-    return tuple(x for key, value in values.items() for x in (f"--model.init_args.{key}", value))
+def _model_args(**values: str | dict[str, Any]) -> tuple[str, ...]:
+    """`--model.init_args.KEY VALUE` pairs; a dict value is a nested settings field
+    (`network={"norm": "group"}` -> `--model.init_args.network.norm group`)."""
+    def pairs(prefix: str, items: dict[str, Any]) -> Iterable[str]:
+        for key, value in items.items():
+            if isinstance(value, dict):
+                yield from pairs(f"{prefix}{key}.", value)
+            else:
+                yield from (f"{prefix}{key}", value)
+
+    return tuple(pairs("--model.init_args.", values))
 
 
-_LOSS = {"image_size": "64", "perceptual_scales": "[1.0]", "lpips": "off"}
-_TINY_FDE = _model_args(block_expansion="8", max_features="16", motion_block_expansion="8", motion_max_features="16",
-                        motion_num_blocks="3", num_res_blocks="1", num_regions="4", **_LOSS)
-_TINY_LMAE = _model_args(base_channels="8", channel_mult="[1, 1, 2, 2]", norm_groups="4", **_LOSS)
-_TINY_UNET = _model_args(image_size="64", base_channels="16", channel_mult="[1]", attn_levels="[0]", num_heads="2",
-                         cond_dim="16", image_cond_channels="8", sample_steps="2", decode_chunk="4", lpips="off")
+_LOSS: dict[str, Any] = {"image_size": "64", "loss": {"scales": "[1.0]"}, "lpips": "off"}
+_TINY_FDE = _model_args(network={"block_expansion": "8", "max_features": "16", "motion_block_expansion": "8",
+                                 "motion_max_features": "16", "motion_num_blocks": "3", "num_res_blocks": "1",
+                                 "num_regions": "4"}, **_LOSS)
+_TINY_LMAE = _model_args(network={"base_channels": "8", "channel_mult": "[1, 1, 2, 2]", "norm_groups": "4"}, **_LOSS)
+_TINY_UNET = _model_args(image_size="64", denoiser={"base_channels": "16", "channel_mult": "[1]", "attn_levels": "[0]",
+                                                    "num_heads": "2", "cond_dim": "16", "image_cond_channels": "8"},
+                         sampling={"steps": "2", "decode_chunk": "4"}, lpips="off")
 SMOKE_MODEL = {
     "fde_d4": _TINY_FDE, "fde_d8": _TINY_FDE,
-    "vae_d32": _model_args(base_channels="8", channel_mult="[1, 1, 1, 1, 1, 1]", norm_groups="4", **_LOSS),
-    "mdcf_d16": (*_TINY_LMAE, *_model_args(channel_mult="[1, 1, 2]")),
+    "vae_d32": _model_args(network={"base_channels": "8", "channel_mult": "[1, 1, 1, 1, 1, 1]", "norm_groups": "4"},
+                           **_LOSS),
+    "mdcf_d16": (*_TINY_LMAE, *_model_args(network={"channel_mult": "[1, 1, 2]"})),
     "mdcf_d32": _TINY_LMAE, "mdcf_no_igc": _TINY_LMAE,
-    "mdcf_no_tpc": (*_TINY_LMAE, *_model_args(fde_config="{downsample: 4, block_expansion: 8, max_features: 16, "
-                    "num_regions: 4, motion_block_expansion: 8, motion_max_features: 16, motion_num_blocks: 3, "
-                    "num_res_blocks: 1, norm: group}")),
+    # w/o TPC: the FDE trained jointly from scratch, as tiny as phase 1's, without extras
+    "mdcf_no_tpc": (*_TINY_LMAE, *_model_args(joint_fde={
+        "downsample": "4", "block_expansion": "8", "max_features": "16", "num_regions": "4",
+        "motion_block_expansion": "8", "motion_max_features": "16", "motion_num_blocks": "3", "num_res_blocks": "1",
+        "norm": "group", "extras": {"source_skip": "false", "flow_refinement": "false", "global_alignment": "false"}})),
     "diffusion_mdcf": _TINY_UNET, "dawn_baseline": _TINY_UNET,
 }
 SMOKE_FRAMES = 8
@@ -318,15 +331,14 @@ class Evaluator:
         first = not clip_set.real_fs
         fake, real = GaussianStats(), clip_set.real_stats or GaussianStats()
         sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-        frames_seen, fs_pred, fs_err = 0, [], []
-        for k, (item, pred) in enumerate(zip(clip_set.items, predictions)):
+        frames_seen, fs_pred = 0, []
+        for item, pred in zip(clip_set.items, predictions):
             truth, pred = item["frames"].float(), pred.detach().float().cpu().clamp(0, 1)
             if pred.shape != truth.shape:
                 raise ValueError(f"prediction {tuple(pred.shape)} != ground truth {tuple(truth.shape)}")
-            psnr = peak_signal_noise_ratio(pred, truth, data_range=1.0, dim=(1, 2, 3), reduction="none")
-            sums["psnr"] += float(psnr.clamp(max=100.0).sum())
-            sums["ssim"] += float(structural_similarity_index_measure(pred, truth, data_range=1.0,
-                                                                      reduction="none").sum())
+            # Identical frames give inf; cap each at 100 dB so a mean stays finite.
+            sums["psnr"] += float(frame_psnr(pred, truth).clamp(max=100.0).sum())
+            sums["ssim"] += float(frame_ssim(pred, truth).sum())
             if self.lpips is not None:
                 sums["lpips"] += self.lpips(pred, truth) * len(pred)
             if self.feature_net is not None:
@@ -334,9 +346,8 @@ class Evaluator:
                 if first:
                     real.update(self._features(truth))
             if first:
-                clip_set.real_fs.append(flow_smoothness(truth))
-            fs_pred.append(flow_smoothness(pred))
-            fs_err.append(abs(fs_pred[-1] - clip_set.real_fs[k]))
+                clip_set.real_fs.extend(clip_fs([truth]))  # the same clips for every variant: computed once
+            fs_pred.extend(clip_fs([pred]))
             frames_seen += len(pred)
         if frames_seen == 0:
             raise ValueError(f"{self.data_root}: no test clips of {self.settings.frames} frames to score")
@@ -344,9 +355,7 @@ class Evaluator:
         row: Row = {k: v / frames_seen for k, v in sums.items() if k != "lpips" or self.lpips is not None}
         if self.feature_net is not None:
             row["fid"] = frechet_distance(*real.compute(), *fake.compute())
-        row.update(fs_error=sum(fs_err) / len(fs_err), fs_generated=sum(fs_pred) / len(fs_pred),
-                   fs_ground_truth=sum(clip_set.real_fs) / len(clip_set.real_fs), frames=frames_seen,
-                   clips=len(fs_err))
+        row.update(fs_summary(fs_pred, clip_set.real_fs), frames=frames_seen, clips=len(fs_pred))
         return row
 
 
@@ -361,20 +370,21 @@ def reconstruct(module: torch.nn.Module, kind: str, frames: Tensor, reference: T
     """
     if kind not in ("fde", "mdcf", "vae"):
         raise ValueError(f"kind must be 'fde', 'mdcf' or 'vae', got {kind!r}")
+    codec = DynamicsCodec(module.fde, module.lmae) if kind == "mdcf" else None
     outs, shape = [], ()
     for i in range(0, len(frames), chunk):
         dri = frames[i:i + chunk]
         src = reference.expand(len(dri), -1, -1, -1)
-        if kind == "vae":
+        if kind == "vae":  # the frame itself through the pixel VAE's mean
             out = module.vae(dri, sample=False)
-            rec, code = out["dynamics"], out["mu"]
+            code = out["mu"]
         elif kind == "fde":
             out = module.fde(src, dri)
-            rec, code = out["frame"], out["dynamics"]
-        else:  # MDCF: FDE.encode(src), [f; m] -> LMAE mean -> [f^; m^], FDE.decode
-            out = module.lmae(module.fde.dynamics(src, dri), sample=False)
-            rec, code = module.fde.decode(module.fde.encode(reference), out["dynamics"]), out["mu"]
-        outs.append(rec)
+            code = out["dynamics"]
+        else:  # MDCF's round trip: [f; m] -> LMAE mean -> [f^; m^] -> FDE decode
+            out = codec.reconstruct(src, dri, sample=False)
+            code = out["mu"]
+        outs.append(out["frame"])
         shape = tuple(code.shape[1:])
     return torch.cat(outs), shape
 
@@ -387,8 +397,8 @@ def evaluate_module(evaluator: Evaluator, v: Variant, module: torch.nn.Module) -
     shapes: list[tuple[int, ...]] = []
     if v.kind == "diffusion":
         clip_set = evaluator.clips(size, evaluator.settings.gen_clips_per_video)
-        side = size // module.codec.latent_down
-        shapes.append((module.codec.latent_channels, side, side))
+        _, channels, _, height, width = module.pipeline.latent_shape(1, 1)  # b c n h w of one frame
+        shapes.append((channels, height, width))
 
         def predictions() -> Iterable[Tensor]:
             for k, item in enumerate(clip_set.items):

@@ -1,33 +1,20 @@
-"""Safe checkpoint files: atomic writes and loads that fail with one clear line."""
+"""Reading checkpoint files safely (weights only, one clear line on failure).
+
+No Lightning import: generation reads checkpoints through this module alone;
+the atomic writer for training is modules/checkpoint_io.py.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or of the wrong kind."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes `NAME.tmp` first and renames it, so a killed run never leaves a
-    half-written `last.ckpt` that the next run would try to resume from."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
@@ -53,3 +40,17 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def save_atomic(obj: Any, path: str | os.PathLike, save: Callable[[Any, Path], None] | None = None) -> None:
+    """Write `path` through `NAME.tmp` and a rename (`save(obj, tmp)`, default torch.save), so a
+    killed writer never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        (save or torch.save)(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     wav = speech(args.text, Path(args.out).with_name(Path(args.out).stem + "_speech.wav"))
-    cmd = [sys.executable, "-m", "microscope_pl", "generate", "--checkpoint", str(find_checkpoint("diffusion")),
+    cmd = [sys.executable, "-m", "microscope_pl", "generate", "--ckpt-path", str(find_checkpoint("diffusion")),
            "--image", args.image, "--audio", str(wav), "--out", args.out]
     if args.steps:
         cmd += ["--steps", str(args.steps)]

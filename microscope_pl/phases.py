@@ -20,6 +20,10 @@ import torch
 from torch import nn
 
 from microscope_pl.checkpointing import CheckpointError, file_sha256, read_checkpoint
+from microscope_pl.models.config import FDEConfig, LMAEConfig, PBNetConfig, PixelVAEConfig, from_dict
+
+FORMAT = 2  # checkpoint["microscope"]["format"]; older checkpoints are refused with a one-line message
+NETWORK_CONFIGS = {"fde": FDEConfig, "lmae": LMAEConfig, "vae": PixelVAEConfig, "pbnet": PBNetConfig}
 
 @dataclass(frozen=True)
 class Phase:
@@ -77,6 +81,70 @@ def load_upstream(phase: str, explicit: str | None = None) -> tuple[dict[str, An
     if found != phase:
         raise CheckpointError(f"{path} is a {found or 'foreign'!s} checkpoint, expected a {phase} checkpoint")
     return ckpt, {"path": str(path), "sha256": file_sha256(path)}
+
+
+def checkpoint_record(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The `microscope` record of a checkpoint; refuses one written by another format version."""
+    record = ckpt.get("microscope")
+    found = record.get("format") if isinstance(record, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{path} was written by another version of microscope-pl (checkpoint format "
+                              f"{found or 1}, this version reads {FORMAT}); retrain it with this version")
+    return record
+
+
+def build_network(name: str, config: dict[str, Any]) -> nn.Module:
+    """An untrained network `name` ("fde", "lmae", "vae", "pbnet") from its recorded settings."""
+    if name not in NETWORK_CONFIGS:
+        raise CheckpointError(f"unknown network {name!r} in a checkpoint record")
+    return from_dict(NETWORK_CONFIGS[name], config).build()
+
+
+def load_weights(net: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike, what: str) -> nn.Module:
+    """`net.load_state_dict(state)`, a mismatch reported in one line naming the file."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointError(f"{path} does not fit this version's {what} ({detail}); "
+                              "retrain it with this version") from None
+    return net
+
+
+@dataclass
+class Upstream:
+    """A frozen upstream phase: its networks by name and the record a downstream checkpoint keeps."""
+
+    networks: dict[str, nn.Module]
+    record: dict[str, Any]  # {"phase", "path", "sha256", "image_size", "networks": {name: settings}}
+
+
+def freeze_upstream(phase: str, explicit: str | None = None, *, image_size: int | None = None,
+                    record: dict[str, Any] | None = None) -> Upstream:
+    """The one way to bring in an upstream phase: load, check, freeze and describe it.
+
+    Without `record`: finds the checkpoint (explicit path > best > last), refuses
+    another phase, another format or another image size, builds its networks
+    from its record and loads their weights, frozen. With `record` (a
+    downstream checkpoint being restored, whose own state dict carries these
+    weights) the networks are built from the record and nothing is read.
+    """
+    if record is None:
+        ckpt, info = load_upstream(phase, explicit)
+        own = checkpoint_record(ckpt, info["path"])
+        if image_size is not None:
+            require_equal("image_size", image_size, own["image_size"])
+        record = {"phase": phase, **info, "image_size": own["image_size"], "networks": own["networks"]}
+        state = ckpt["state_dict"]
+    else:
+        state = None
+    networks = {}
+    for name, settings in record["networks"].items():
+        net = build_network(name, settings)
+        if state is not None:
+            load_weights(net, sub_state_dict({"state_dict": state}, name), record["path"], f"{phase} {name}")
+        networks[name] = load_frozen(net)
+    return Upstream(networks, record)
 
 
 def sub_state_dict(ckpt: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
@@ -165,14 +233,9 @@ def load_module(path: str | os.PathLike, phase: str, map_location: str = "cpu") 
     found = ckpt.get("microscope_phase")
     if found != phase:
         raise CheckpointError(f"{path} is a {found or 'foreign'!s} checkpoint, expected a {phase} checkpoint")
+    checkpoint_record(ckpt, path)
     module_path, cls_name = PHASE_MODULES[phase].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_path), cls_name)
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     model = cls(**hparams)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:  # e.g. a checkpoint of an older version of the network
-        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise CheckpointError(f"{path} does not fit this version's {phase} network ({detail}); "
-                              "retrain it with this version") from None
-    return model.eval()
+    return load_weights(model, ckpt["state_dict"], path, f"{phase} network").eval()

@@ -7,17 +7,17 @@ from microscope_pl.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FDE = [
-    "--model.init_args.image_size", "64", "--model.init_args.block_expansion", "8",
-    "--model.init_args.max_features", "16", "--model.init_args.motion_block_expansion", "8",
-    "--model.init_args.motion_max_features", "16", "--model.init_args.motion_num_blocks", "3",
-    "--model.init_args.num_res_blocks", "1", "--model.init_args.num_regions", "4",
-    "--model.init_args.perceptual_scales", "[1.0]", "--model.init_args.lpips", "off",
+    "--model.init_args.image_size", "64", "--model.init_args.network.block_expansion", "8",
+    "--model.init_args.network.max_features", "16", "--model.init_args.network.motion_block_expansion", "8",
+    "--model.init_args.network.motion_max_features", "16", "--model.init_args.network.motion_num_blocks", "3",
+    "--model.init_args.network.num_res_blocks", "1", "--model.init_args.network.num_regions", "4",
+    "--model.init_args.loss.scales", "[1.0]", "--model.init_args.lpips", "off",
 ]
 TINY_LMAE = [
-    "--model.init_args.image_size", "64", "--model.init_args.base_channels", "8",
-    "--model.init_args.num_down", "3", "--model.init_args.channel_mult", "[1, 1, 2, 2]",
-    "--model.init_args.norm_groups", "4",
-    "--model.init_args.perceptual_scales", "[1.0]", "--model.init_args.lpips", "off",
+    "--model.init_args.image_size", "64", "--model.init_args.network.base_channels", "8",
+    "--model.init_args.network.num_down", "3", "--model.init_args.network.channel_mult", "[1, 1, 2, 2]",
+    "--model.init_args.network.norm_groups", "4",
+    "--model.init_args.loss.scales", "[1.0]", "--model.init_args.lpips", "off",
 ]
 
 

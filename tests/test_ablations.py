@@ -17,13 +17,19 @@ from microscope_pl.ablations import BY_NAME, VARIANTS, EvalSettings, Evaluator
 FDE_CONFIG = {"downsample": 4, "block_expansion": 8, "max_features": 16, "num_regions": 4,
               "motion_block_expansion": 8, "motion_max_features": 16, "motion_num_blocks": 3,
               "num_res_blocks": 1, "norm": "group"}
-LOSS = {"perceptual_weights": "random", "perceptual_scales": (1.0,), "lpips": "off"}
+LOSS = {"loss": {"weights": "random", "scales": [1.0]}, "lpips": "off"}
 RATIOS = {"fde_d4": 16, "fde_d8": 64, "vae_d32": 768, "mdcf_d16": 192, "mdcf_d32": 768, "mdcf_no_igc": 768,
           "mdcf_no_tpc": 768, "diffusion_mdcf": 768, "dawn_baseline": 16}
 
 
+def upstream(phase: str, **networks: dict) -> dict:
+    """An upstream record as a checkpoint keeps it: the frozen networks are built from it, untrained."""
+    return {"phase": phase, "path": "untrained", "sha256": "", "image_size": 64, "networks": networks}
+
+
 def tiny_modules() -> dict[str, torch.nn.Module]:
     """One randomly initialised 64x64 module per variant, as its checkpoint would rebuild it."""
+    from microscope_pl.models.config import to_dict
     from microscope_pl.modules.diffusion_module import LatentDiffusionModule
     from microscope_pl.modules.fde_module import FDEModule
     from microscope_pl.modules.lmae_module import LMAEModule
@@ -31,21 +37,27 @@ def tiny_modules() -> dict[str, torch.nn.Module]:
 
     torch.manual_seed(0)
     fde = {k: v for k, v in FDE_CONFIG.items() if k != "downsample"}
-    lmae = {"image_size": 64, "base_channels": 8, "norm_groups": 4, **LOSS}
-    d32 = LMAEModule(channel_mult=[1, 1, 2, 2], fde_config=FDE_CONFIG, **lmae)
-    unet = {"image_size": 64, "base_channels": 16, "channel_mult": [1], "attn_levels": [0], "num_heads": 2,
-            "cond_dim": 16, "image_cond_channels": 8, "sample_steps": 2, "decode_chunk": 4, "lpips": "off",
-            "fde_config": FDE_CONFIG}
+    lmae = {"image_size": 64, **LOSS}
+    tiny_lmae = {"base_channels": 8, "norm_groups": 4}
+    phase1 = upstream("phase1", fde=FDE_CONFIG)
+    d32 = LMAEModule(network={**tiny_lmae, "channel_mult": [1, 1, 2, 2]}, upstream=phase1, **lmae)
+    unet = {"image_size": 64, "lpips": "off", "sampling": {"steps": 2, "decode_chunk": 4},
+            "denoiser": {"base_channels": 16, "channel_mult": [1], "attn_levels": [0], "num_heads": 2,
+                         "cond_dim": 16, "image_cond_channels": 8}}
     return {
-        "fde_d4": FDEModule(image_size=64, downsample=4, **fde, **LOSS),
-        "fde_d8": FDEModule(image_size=64, downsample=8, **fde, **LOSS),
-        "vae_d32": PixelVAEModule(image_size=64, base_channels=8, channel_mult=[1] * 6, norm_groups=4, **LOSS),
-        "mdcf_d16": LMAEModule(num_down=2, channel_mult=[1, 1, 2], fde_config=FDE_CONFIG, **lmae),
+        "fde_d4": FDEModule(image_size=64, network={"downsample": 4, **fde}, **LOSS),
+        "fde_d8": FDEModule(image_size=64, network={"downsample": 8, **fde}, **LOSS),
+        "vae_d32": PixelVAEModule(image_size=64, network={"base_channels": 8, "channel_mult": [1] * 6,
+                                                          "norm_groups": 4}, **LOSS),
+        "mdcf_d16": LMAEModule(network={**tiny_lmae, "num_down": 2, "channel_mult": [1, 1, 2]}, upstream=phase1,
+                               **lmae),
         "mdcf_d32": d32,
-        "mdcf_no_igc": LMAEModule(channel_mult=[1, 1, 2, 2], igc_weight=0.0, fde_config=FDE_CONFIG, **lmae),
-        "mdcf_no_tpc": LMAEModule(channel_mult=[1, 1, 2, 2], train_fde=True, fde_config=FDE_CONFIG, **lmae),
-        "diffusion_mdcf": LatentDiffusionModule(latent="mdcf", lmae_config=d32.lmae_config(), **unet),
-        "dawn_baseline": LatentDiffusionModule(latent="fde", **unet),
+        "mdcf_no_igc": LMAEModule(network={**tiny_lmae, "channel_mult": [1, 1, 2, 2]}, igc_weight=0.0,
+                                  upstream=phase1, **lmae),
+        "mdcf_no_tpc": LMAEModule(network={**tiny_lmae, "channel_mult": [1, 1, 2, 2]}, joint_fde=FDE_CONFIG, **lmae),
+        "diffusion_mdcf": LatentDiffusionModule(
+            latent="mdcf", upstream=upstream("phase2", fde=FDE_CONFIG, lmae=to_dict(d32.network)), **unet),
+        "dawn_baseline": LatentDiffusionModule(latent="fde", upstream=phase1, **unet),
     }
 
 
@@ -99,6 +111,36 @@ def test_fit_command_has_budget_upstream_and_smoke_settings(tmp_path: Path) -> N
     assert dawn[dawn.index("--trainer.max_time") + 1] == "00:00:10:00" and "--model.init_args.mdcf_ckpt_path" in dawn
     for v in VARIANTS:  # every override config the runner names exists
         assert (ablations.CONFIGS / "ablations" / f"{v.name}.yaml").is_file()
+
+
+def test_smoke_model_args_name_init_arguments_of_the_new_layout() -> None:
+    """Every `--model.init_args.a.b` of --smoke (and every upstream argument) names an init
+    argument of the variant's module, then fields of its nested settings dataclasses."""
+    import dataclasses
+    import importlib
+    import inspect
+    import typing
+
+    from microscope_pl.phases import PHASE_MODULES
+
+    assert ablations._model_args(network={"extras": {"source_skip": "true"}}, lpips="off") == (
+        "--model.init_args.network.extras.source_skip", "true", "--model.init_args.lpips", "off")
+    for v in VARIANTS:
+        module_path, name = PHASE_MODULES[v.phase].rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_path), name)
+        args = ablations.SMOKE_MODEL[v.name]
+        keys = list(args[::2]) + ([f"--model.init_args.{v.upstream_arg}"] if v.upstream else [])
+        for key in keys:
+            assert key.startswith("--model.init_args."), key
+            path = key.removeprefix("--model.init_args.").split(".")
+            hints = typing.get_type_hints(cls.__init__)
+            assert path[0] in inspect.signature(cls.__init__).parameters, (v.name, key)
+            hint = hints[path[0]]
+            for field_name in path[1:]:
+                config = next(t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t))
+                hint = typing.get_type_hints(config)[field_name]  # KeyError: no such setting
+    assert "--model.init_args.joint_fde.block_expansion" in ablations.SMOKE_MODEL["mdcf_no_tpc"]
+    assert "--model.init_args.sampling.steps" in ablations.SMOKE_MODEL["dawn_baseline"]
 
 
 def test_metrics_and_report_from_tiny_random_modules(synth_root: Path, tmp_path: Path) -> None:

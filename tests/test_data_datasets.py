@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from microscope_pl.data.audio import loudness_envelope, read_wav
-from microscope_pl.data.datamodule import TalkingHeadDataModule
+from microscope_pl.data.datamodule import ClipCurriculum, TalkingHeadDataModule
 from microscope_pl.data.datasets import ClipDataset, FramePairDataset, augment_pair
 
 
@@ -113,3 +116,83 @@ def test_pairs_through_a_worker_process(synth_root: Path) -> None:
     assert isinstance(loader, DataLoader) and loader.persistent_workers
     batch = next(iter(loader))
     assert batch["source"].shape == (3, 3, 32, 32) and batch["driving"].shape == (3, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- the clip curriculum (DAWN's two stages)
+
+
+def _fitting(epoch: int, reload: int = 1, fn: str = "fit") -> SimpleNamespace:
+    """What the data module reads of a trainer: its state, epoch and reload setting."""
+    return SimpleNamespace(state=SimpleNamespace(fn=fn), current_epoch=epoch, reload_dataloaders_every_n_epochs=reload)
+
+
+def test_curriculum_switches_clip_length_and_reference_at_its_epoch(synth_root: Path) -> None:
+    stage2 = ClipCurriculum(switch_epoch=2, min_frames=6, max_frames=10, reference="random", seed=3)
+    assert stage2.clip_options(1, 12, "first") == (12, "first")
+    lengths = [stage2.clip_options(epoch, 12, "first") for epoch in range(2, 12)]
+    assert all(6 <= n <= 10 and ref == "random" for n, ref in lengths) and len({n for n, _ in lengths}) > 1
+    assert lengths == [stage2.clip_options(epoch, 12, "first") for epoch in range(2, 12)], "drawn per epoch, seeded"
+
+    dm = TalkingHeadDataModule(data_root=str(synth_root), mode="clips", num_frames=12, batch_size=2,
+                               samples_per_video=1, val_samples=2,
+                               curriculum={"switch_epoch": 2, "min_frames": 6, "max_frames": 10, "seed": 3})
+    assert dm.hparams["curriculum"] == dataclasses.asdict(stage2), "a plain mapping in the checkpoint"
+    dm.setup("fit")
+    dm.trainer = _fitting(1)
+    assert next(iter(dm.train_dataloader()))["frames"].shape[1] == 12 and dm.reference == "first"
+    dm.trainer = _fitting(5)
+    frames = next(iter(dm.train_dataloader()))["frames"].shape[1]
+    assert (frames, dm.reference) == stage2.clip_options(5, 12, "first")
+    assert next(iter(dm.val_dataloader()))["frames"].shape[1] == frames, "validation follows the epoch"
+    dm.trainer = _fitting(0)
+    assert next(iter(dm.train_dataloader()))["frames"].shape[1] == 12, "a restart from epoch 0 is stage 1 again"
+    dm.trainer = _fitting(5, fn="validate")
+    assert next(iter(dm.val_dataloader()))["frames"].shape[1] == 12, "only fitting follows the curriculum"
+    dm.trainer = _fitting(5, reload=0)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1, got 0"):
+        dm.train_dataloader()
+
+
+def test_curriculum_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="min_frames=9, max_frames=8"):
+        ClipCurriculum(min_frames=9, max_frames=8)
+    with pytest.raises(ValueError, match="reference"):
+        ClipCurriculum(reference="last")
+    with pytest.raises(ValueError, match="mode 'clips', got mode 'pairs'"):
+        TalkingHeadDataModule(mode="pairs", curriculum=ClipCurriculum())
+    with pytest.raises(ValueError, match="curriculum max_frames=300.*synth_seconds=8.0"):
+        TalkingHeadDataModule(mode="clips", synth_seconds=8.0, curriculum={"max_frames": 300})
+    with pytest.raises(ValueError, match="no setting.*frames"):
+        TalkingHeadDataModule(mode="clips", curriculum={"frames": 30})
+
+
+class _ClipLengths(pl.LightningModule):
+    """Records (epoch, stage, clip length) of every batch; learns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, str, int]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.append((self.current_epoch, "train", batch["frames"].shape[1]))
+        return self.weight.sum() * 0
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.seen.append((self.current_epoch, "val", batch["frames"].shape[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_trainer_sees_the_second_stage_from_switch_epoch(synth_root: Path) -> None:
+    stage2 = ClipCurriculum(switch_epoch=2, min_frames=5, max_frames=7)
+    dm = TalkingHeadDataModule(data_root=str(synth_root), mode="clips", num_frames=8, batch_size=1,
+                               samples_per_video=1, val_samples=1, curriculum=stage2)
+    module = _ClipLengths()
+    trainer = pl.Trainer(max_epochs=4, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+                         reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, datamodule=dm)
+    want = [(e, stage, stage2.clip_options(e, 8, "first")[0]) for e in range(4) for stage in ("train", "val")]
+    assert module.seen == want and want[0][2] == 8 and all(5 <= n <= 7 for e, _, n in want if e >= 2)

@@ -8,11 +8,11 @@ from helpers import REPO, TINY_FDE, TINY_LMAE, data_args, fit
 from microscope_pl.cli import main
 
 TINY_UNET = [
-    "--model.init_args.image_size", "64", "--model.init_args.base_channels", "16",
-    "--model.init_args.channel_mult", "[1]", "--model.init_args.attn_levels", "[0]",
-    "--model.init_args.num_heads", "2", "--model.init_args.cond_dim", "16",
-    "--model.init_args.image_cond_channels", "8", "--model.init_args.sample_steps", "2",
-    "--model.init_args.decode_chunk", "4", "--model.init_args.lpips", "off",
+    "--model.init_args.image_size", "64", "--model.init_args.denoiser.base_channels", "16",
+    "--model.init_args.denoiser.channel_mult", "[1]", "--model.init_args.denoiser.attn_levels", "[0]",
+    "--model.init_args.denoiser.num_heads", "2", "--model.init_args.denoiser.cond_dim", "16",
+    "--model.init_args.denoiser.image_cond_channels", "8", "--model.init_args.sampling.steps", "2",
+    "--model.init_args.sampling.decode_chunk", "4", "--model.init_args.lpips", "off",
 ]
 CLIPS = ["--data.init_args.num_frames", "8"]
 ONE_STEP = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
@@ -31,12 +31,13 @@ def test_diffusion_fit_records_upstream_and_freezes_mdcf(diffusion_ckpt, trained
     ckpt = torch.load(diffusion_ckpt, weights_only=True)
     assert ckpt["microscope_phase"] == "diffusion"
     hp = ckpt["hyper_parameters"]
-    assert hp["upstream"]["phase2"]["path"].endswith(".ckpt") and hp["lmae_config"]["num_down"] == 3
+    assert hp["upstream"]["phase"] == "phase2" and hp["upstream"]["path"].endswith(".ckpt")
+    assert ckpt["microscope"]["networks"]["lmae"]["num_down"] == 3
     p2 = torch.load(trained / "checkpoints/phase2/best.ckpt", weights_only=True)["state_dict"]
     for key, value in p2.items():
         if key.startswith(("fde.", "lmae.")):
-            assert torch.equal(ckpt["state_dict"]["codec." + key], value), key
-    assert float(ckpt["state_dict"]["codec.scale"]) != 1.0  # calibrated on the first batch
+            assert torch.equal(ckpt["state_dict"]["pipeline.codec." + key], value), key
+    assert float(ckpt["state_dict"]["pipeline.codec.scale"]) != 1.0  # calibrated on the first batch
 
 
 def test_diffusion_validation_logs_a_video(diffusion_ckpt, trained):
@@ -74,10 +75,10 @@ def test_test_time_settings_on_the_command_line_beat_the_checkpoint(diffusion_ck
                              "x", "--data.init_args.num_frames", "8"]) == ["audio_scale", "sampler"]
     seen = []
     monkeypatch.setattr(LatentDiffusionModule, "on_test_start",
-                        lambda self: seen.append((self.hparams.audio_scale, self.hparams.cond_dim)), raising=False)
+                        lambda self: seen.append((self.settings["sampling"].audio_scale, self.settings["denoiser"].cond_dim)), raising=False)
     monkeypatch.chdir(trained)
     code = main(["test", "--config", str(REPO / "configs/diffusion.yaml"), *data_args(synth_root), *TINY_UNET, *CLIPS,
-                 "--model.init_args.audio_scale", "3", "--trainer.limit_test_batches", "1",
+                 "--model.init_args.sampling.audio_scale", "3", "--trainer.limit_test_batches", "1",
                  "--ckpt_path", str(diffusion_ckpt)])
     assert code == 0 and seen == [(3.0, 16)]
 
@@ -93,21 +94,24 @@ def test_dawn_baseline_config_diffuses_h4_dynamics(trained, synth_root, monkeypa
 
 def test_pbnet_fast_dev_run(synth_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    small = ["--model.init_args.d_model", "16", "--model.init_args.num_heads", "2", "--model.init_args.latent_dim", "8"]
+    small = ["--model.init_args.network.d_model", "16", "--model.init_args.network.num_heads", "2",
+             "--model.init_args.network.latent_dim", "8"]
     assert fit("pbnet.yaml", synth_root, *small, *CLIPS, "--trainer.fast_dev_run", "1") == 0
 
 
 ABLATIONS = {
     "fde_d4.yaml": ("phase1_fde.yaml", TINY_FDE),
     "fde_d8.yaml": ("phase1_fde.yaml", TINY_FDE),
-    "mdcf_d16.yaml": ("phase2_lmae.yaml", [*TINY_LMAE, "--model.init_args.num_down", "2",
-                                           "--model.init_args.channel_mult", "[1, 1, 2]"]),
+    "mdcf_d16.yaml": ("phase2_lmae.yaml", [*TINY_LMAE, "--model.init_args.network.num_down", "2",
+                                           "--model.init_args.network.channel_mult", "[1, 1, 2]"]),
     "mdcf_d32.yaml": ("phase2_lmae.yaml", TINY_LMAE),
     "mdcf_no_igc.yaml": ("phase2_lmae.yaml", TINY_LMAE),
     "mdcf_no_tpc.yaml": ("phase2_lmae.yaml", TINY_LMAE),
-    "vae_d32.yaml": ("phase1_fde.yaml", ["--model.init_args.image_size", "64", "--model.init_args.base_channels", "8",
-                                         "--model.init_args.channel_mult", "[1, 1, 1, 1, 1, 1]",
-                                         "--model.init_args.norm_groups", "4", "--model.init_args.lpips", "off"]),
+    "vae_d32.yaml": ("phase1_fde.yaml", ["--model.init_args.image_size", "64",
+                                         "--model.init_args.network.base_channels", "8",
+                                         "--model.init_args.network.channel_mult", "[1, 1, 1, 1, 1, 1]",
+                                         "--model.init_args.network.norm_groups", "4",
+                                         "--model.init_args.lpips", "off"]),
 }
 
 

@@ -23,7 +23,7 @@ SECONDS = 1.2
 def _save(module: Any, path: Path) -> Path:
     """A checkpoint in the Lightning layout, written by hand (no Trainer)."""
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(ckpt)  # adds microscope_phase (and phase 2's lmae_config)
+    module.on_save_checkpoint(ckpt)  # adds the phase tag and the record
     torch.save(ckpt, path)
     return path
 
@@ -45,16 +45,19 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("generate")
     torch.manual_seed(0)
-    fde = FDEModule(image_size=64, block_expansion=8, max_features=16, num_regions=2, motion_block_expansion=8,
-                    motion_max_features=16, motion_num_blocks=2, num_res_blocks=1, perceptual_weights="random",
-                    lpips="off")
+    fde = FDEModule(image_size=64, network={"block_expansion": 8, "max_features": 16, "num_regions": 2,
+                                            "motion_block_expansion": 8, "motion_max_features": 16,
+                                            "motion_num_blocks": 2, "num_res_blocks": 1},
+                    loss={"weights": "random"}, lpips="off")
     p1 = _save(fde, root / "phase1.ckpt")
-    lmae = LMAEModule(image_size=64, base_channels=8, channel_mult=[1, 1, 1, 1], norm_groups=4, mid_attention=False,
-                      perceptual_weights="random", lpips="off", fde_ckpt_path=str(p1))
+    lmae = LMAEModule(image_size=64, network={"base_channels": 8, "channel_mult": [1, 1, 1, 1], "norm_groups": 4,
+                                              "mid_attention": False},
+                      loss={"weights": "random"}, lpips="off", fde_ckpt_path=str(p1))
     p2 = _save(lmae, root / "phase2.ckpt")
-    diffusion = LatentDiffusionModule(image_size=64, base_channels=16, channel_mult=[1, 2], attn_levels=[1],
-                                      num_heads=2, cond_dim=16, image_cond_channels=8, sample_steps=2,
-                                      mdcf_ckpt_path=str(p2), lpips="off")
+    diffusion = LatentDiffusionModule(image_size=64, denoiser={"base_channels": 16, "channel_mult": [1, 2],
+                                                               "attn_levels": [1], "num_heads": 2, "cond_dim": 16,
+                                                               "image_cond_channels": 8},
+                                      sampling={"steps": 2}, mdcf_ckpt_path=str(p2), lpips="off")
     files = {"phase1": p1, "diffusion": _save(diffusion, root / "diffusion.ckpt"), "root": root}
     files["speech"] = root / "speech.wav"
     write_wav(files["speech"], _speech(SECONDS))
@@ -111,10 +114,9 @@ def test_api_with_pose_file_and_timings(env: dict[str, Path], tmp_path: Path) ->
 
 
 def test_chunked_decoding_equals_unchunked(env: dict[str, Path]) -> None:
-    from microscope_pl.phases import load_module
+    from microscope_pl.inference.loading import load_pipeline
 
-    module = load_module(env["diffusion"], "diffusion")
-    codec = module.codec
+    codec = load_pipeline(env["diffusion"])[0].codec
     side = 64 // codec.latent_down
     z = torch.randn(1, codec.latent_channels, 7, side, side, generator=torch.Generator().manual_seed(0))
     features = codec.fde.encode(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
@@ -184,21 +186,29 @@ def test_rgba_grayscale_and_odd_sized_portraits(tmp_path: Path) -> None:
     assert astronaut.shape == (3, 32, 32) and "face-centred" in notes[-1]
 
 
-def test_audio_feature_kind_comes_from_the_checkpoint(tmp_path: Path) -> None:
-    def ckpt(data_hp: dict[str, Any] | None) -> Path:
-        path = tmp_path / f"c{len(list(tmp_path.iterdir()))}.ckpt"
-        torch.save({"state_dict": {}, **({"datamodule_hyper_parameters": data_hp} if data_hp else {})}, path)
-        return path
+def test_audio_feature_kind_comes_from_the_checkpoint(env: dict[str, Path]) -> None:
+    from microscope_pl.inference.loading import load_pipeline
 
-    assert resolve_audio_features(ckpt({"audio_features": "hubert:x"}), {"audio_dim": 1024}) == "hubert:x"
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"audio_features": "hubert:local"}))
-    assert resolve_audio_features(ckpt({"data_root": str(tmp_path / "data")}), {"audio_dim": 1024}) == "hubert:local"
-    gone = ckpt({"data_root": str(tmp_path / "gone")})
-    assert resolve_audio_features(gone, {"audio_dim": 80}) == "logmel"
-    assert resolve_audio_features(gone, {"audio_dim": 1024}, override="hubert:y") == "hubert:y"
+    record = load_pipeline(env["diffusion"])[1]
+    assert resolve_audio_features(record) == "logmel"  # the diffusion module's audio_features, recorded
+    unrecorded = {**record, "audio_features": None}
+    assert resolve_audio_features(unrecorded) == "logmel"  # 80-d can only be the fallback
+    wide = {**unrecorded, "networks": {"denoiser": {"audio_dim": 1024}}}
+    assert resolve_audio_features(wide, override="hubert:y") == "hubert:y"
     with pytest.raises(ValueError, match="1024-d audio features.*--audio-features"):
-        resolve_audio_features(gone, {"audio_dim": 1024})
+        resolve_audio_features(wide)
+
+
+def test_generation_leaves_lightning_unimported(env: dict[str, Path], tmp_path: Path) -> None:
+    import sys
+
+    code = ("import sys\nfrom microscope_pl.inference.generate import generate\n"
+            f"generate({str(env['diffusion'])!r}, 'astronaut', {str(env['speech'])!r}, {str(tmp_path / 'g.mp4')!r}, "
+            "pose='still', steps=1, progress=False, device='cpu', log=None)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]" and (tmp_path / "g.mp4").is_file()
 
 
 def test_pose_file_relative_to_reference(tmp_path: Path) -> None:
@@ -209,20 +219,20 @@ def test_pose_file_relative_to_reference(tmp_path: Path) -> None:
     path.write_text("yaw,pitch,roll,scale,tx,ty,left,right\n" + "\n".join(",".join(map(str, r)) for r in rows))
     audio = torch.zeros(1, 5, 80)
     gen = torch.Generator().manual_seed(0)
-    pose, blink, _ = motion_conditions(str(path), "first", audio, 80, None, gen, print)
+    pose, blink, _ = motion_conditions(str(path), "first", audio, 80, "unused.ckpt", None, gen, print)
     assert pose.shape == (1, 5, 6) and blink.shape == (1, 5, 2)
     assert torch.equal(pose[0, 0], torch.zeros(6)) and torch.equal(blink[0, 3], torch.full((2,), 24.0))
-    pose, blink, _ = motion_conditions(str(path), "zero", audio, 80, None, gen, print)
+    pose, blink, _ = motion_conditions(str(path), "zero", audio, 80, "unused.ckpt", None, gen, print)
     assert torch.equal(pose[0, 1], torch.from_numpy(rows[1, :6]))  # used as given
     with pytest.raises(ValueError, match="has 6 frames, the audio needs 9"):
-        motion_conditions(str(path), "first", torch.zeros(1, 9, 80), 80, None, gen, print)
+        motion_conditions(str(path), "first", torch.zeros(1, 9, 80), 80, "unused.ckpt", None, gen, print)
 
 
 def test_pbnet_pose(env: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("microscope_pl.models.pbnet")
     from microscope_pl.modules.pbnet_module import PBNetModule
 
-    pbnet = PBNetModule(audio_dim=80, d_model=16, num_heads=2, num_layers=1, latent_dim=8)
+    pbnet = PBNetModule(network={"audio_dim": 80, "d_model": 16, "num_heads": 2, "num_layers": 1, "latent_dim": 8})
     ckpt = _save(pbnet, tmp_path / "pbnet.ckpt")
     out = generate(env["diffusion"], "astronaut", env["speech"], tmp_path / "p.mp4", pbnet_checkpoint=str(ckpt),
                    steps=1, progress=False, device="cpu", log=None)

@@ -20,7 +20,7 @@ from microscope_pl.cli import main
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 GPU_BF16 = ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-mixed"]
-TINY_UNET = [*SMALL_UNET, *CLIPS, "--model.init_args.audio_context", "2"]
+TINY_UNET = [*SMALL_UNET, *CLIPS, "--model.init_args.denoiser.extras.audio_context", "2"]
 STEPS = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
          "--trainer.check_val_every_n_epoch", "1"]
 

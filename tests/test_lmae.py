@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microscope_pl.models.lmae import LMAE, identity_grid
-from microscope_pl.models.losses import dynamics_mse, kl_divergence, psnr
+from microscope_pl.models.blocks import identity_grid
+from microscope_pl.models.lmae import LMAE
+from microscope_pl.metrics.image import frame_psnr
+from microscope_pl.models.losses import dynamics_mse, kl_divergence
+from microscope_pl.models.pixel_vae import PixelVAE
 
 TINY = dict(base_channels=16, norm_groups=8)
 
@@ -25,7 +28,7 @@ def smooth_dynamics(b: int, size: int, seed: int) -> torch.Tensor:
     return torch.cat([grid.clamp(-1, 1), occ], dim=1)
 
 
-def _scramble_output(model: LMAE, std: float = 3.0) -> None:
+def _scramble_output(model: LMAE | PixelVAE, std: float = 3.0) -> None:
     """Large random weights in the zero-initialised last conv, to push outputs to the extremes."""
     torch.manual_seed(1)
     torch.nn.init.normal_(model.dec_out[-1].weight, std=std)
@@ -114,13 +117,70 @@ def test_affine_head_adds_one_global_affine_displacement() -> None:
 
 def test_image_mode_vae_d32() -> None:
     # the "VAE d/32" ablation: five 2x downsamplings straight on frames
-    model = LMAE(in_channels=3, num_down=5, output="image", **TINY)
+    model = PixelVAE(num_down=5, **TINY)
     _scramble_output(model)
     frame = torch.rand(2, 3, 64, 64)
     out = model(frame)
     assert out["mu"].shape == (2, 4, 2, 2)
-    assert out["dynamics"].min() >= 0 and out["dynamics"].max() <= 1
+    assert out["frame"].min() >= 0 and out["frame"].max() <= 1
     assert LMAE.compression_ratio(frame.shape, out["mu"].shape) == 768.0
+
+
+# ---------------------------------------------------------------- pixel VAE
+
+
+def test_pixel_vae_frame_in_unit_range_and_shape() -> None:
+    torch.manual_seed(0)
+    model = PixelVAE(num_down=3, **TINY)
+    assert model.downsample_factor == 8 and model.latent_channels == 4
+    frame = torch.rand(2, 3, 32, 48)
+    fresh = model(frame, sample=False)["frame"]  # zero-initialised last conv: uniform grey
+    torch.testing.assert_close(fresh, torch.full_like(fresh, 0.5))
+    _scramble_output(model)
+    out = model(frame)
+    assert set(out) >= {"frame", "mu", "logvar"}
+    assert out["frame"].shape == frame.shape and out["frame"].dtype == torch.float32
+    assert out["frame"].min() >= 0 and out["frame"].max() <= 1
+    assert out["frame"].min() < 0.1 and out["frame"].max() > 0.9  # the scramble reached the bounds
+    mu, logvar = model.encode(frame)
+    assert mu.shape == logvar.shape == out["mu"].shape == (2, 4, 4, 6)
+    torch.testing.assert_close(model.decode(mu), model(frame, sample=False)["frame"])
+    with pytest.raises(ValueError, match="not divisible"):
+        model.encode(torch.rand(1, 3, 30, 32))
+
+
+def _res(prefix: str, skip: bool = False) -> list[str]:
+    return [f"{prefix}.{n}" for n in ("norm1", "conv1", "norm2", "conv2")] + ([f"{prefix}.skip"] if skip else [])
+
+
+def _attn(prefix: str) -> list[str]:
+    return [f"{prefix}.norm", f"{prefix}.qkv", f"{prefix}.proj"]
+
+
+# Layers of the former ``LMAE(in_channels=3, num_down=1, output="image")``, in
+# state-dict order: pixel-VAE checkpoints written by it must load unchanged.
+FORMER_IMAGE_LMAE_LAYERS = [
+    "enc_in", *_res("enc_blocks.0"), "enc_blocks.1.conv", *_res("enc_blocks.2", skip=True),
+    *_res("enc_mid.0"), *_attn("enc_mid.1"), *_res("enc_mid.2"), "enc_out.0", "enc_out.2",
+    "dec_in", *_res("dec_mid.0"), *_attn("dec_mid.1"), *_res("dec_mid.2"),
+    *_res("dec_blocks.0"), "dec_blocks.1.conv", *_res("dec_blocks.2", skip=True), "dec_out.0", "dec_out.2",
+]
+
+
+def test_pixel_vae_keeps_the_former_state_dict_layout() -> None:
+    model = PixelVAE(num_down=1, base_channels=8, norm_groups=4)
+    sd = model.state_dict()
+    assert list(sd) == [f"{layer}.{p}" for layer in FORMER_IMAGE_LMAE_LAYERS for p in ("weight", "bias")]
+    assert sd["enc_in.weight"].shape == (8, 3, 3, 3)
+    assert sd["enc_out.2.weight"].shape == (8, 16, 3, 3)  # 2 x latent_channels = (mu, logvar)
+    assert sd["enc_blocks.2.skip.weight"].shape == (16, 8, 1, 1)
+    assert sd["dec_mid.1.qkv.weight"].shape == (48, 16, 1, 1)
+    assert sd["dec_out.2.weight"].shape == (3, 8, 3, 3)
+    # the shared core: the dynamics auto-encoder of the same size has the same layout
+    lmae = LMAE(num_down=1, base_channels=8, norm_groups=4)
+    assert {k: v.shape for k, v in lmae.state_dict().items()} == {k: v.shape for k, v in sd.items()}
+    with pytest.raises(ValueError, match="PixelVAE"):
+        LMAE(output="image", **TINY)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- eq. 4 / 8
@@ -152,6 +212,11 @@ def test_sample_is_eq4_and_seeded() -> None:
     dyn = smooth_dynamics(1, 32, 0)
     out = model(dyn, sample=False)
     torch.testing.assert_close(out["z"], out["mu"])
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR over frames, each capped at 100 dB (identical frames)."""
+    return frame_psnr(pred, target).clamp(max=100.0).mean()
 
 
 def test_losses_basic() -> None:

@@ -131,7 +131,7 @@ def test_cli_runs(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.Cap
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(
-        ["eval", "--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path),
+        ["eval", "--pred", str(pred), "--gt", str(gt), "--out-dir", str(tmp_path),
          "--metrics", "psnr,ssim,fs", "--size", "16"]
     )
     assert args.func(args) == 0
@@ -149,3 +149,11 @@ def test_prepared_dataset_layout(folders: tuple[Path, Path], tmp_path: Path) -> 
     report = evaluate_folders(pred, tmp_path / "data", out_dir=tmp_path, config=cfg)
     assert report["videos"] == 1 and sorted(report["unmatched"]) == ["b", "orphan"]
     assert report["metrics"]["sync_corr_gt"] > 0.5  # box scaled from 32 to 64 pixels
+
+
+def test_cli_out_is_an_alias_of_out_dir(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    for flag in ("--out-dir", "--out"):
+        args = parser.parse_args(["eval", "--pred", "p", "--gt", "g", flag, str(tmp_path)])
+        assert args.out_dir == str(tmp_path)

@@ -134,7 +134,7 @@ def test_l1_pyramid_sees_displacements_beyond_a_pixel() -> None:
     grads = []
     for loss in (full, pyramid):
         shift = torch.zeros(1, requires_grad=True)  # grid x offset, normalised units
-        grid = identity_grid(1, 64, 64) - torch.stack([shift, torch.zeros(1)]).view(1, 2, 1, 1)
+        grid = identity_grid(64, 64) - torch.stack([shift, torch.zeros(1)]).view(1, 2, 1, 1)
         loss(warp(source, grid), target).backward()
         grads.append(shift.grad.item())
     # a positive shift moves the content right, towards the target: the gradient is negative

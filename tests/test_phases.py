@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from microscope_pl.checkpointing import AtomicCheckpointIO, CheckpointError, file_sha256, read_checkpoint
+from microscope_pl.checkpointing import CheckpointError, file_sha256, read_checkpoint
+from microscope_pl.modules.checkpoint_io import AtomicCheckpointIO
 from microscope_pl.phases import (
     ORDER,
     PHASES,

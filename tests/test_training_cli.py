@@ -50,7 +50,8 @@ def test_phase2_keeps_fde_bitwise_and_optimises_only_lmae(trained):
 
     module = load_module(trained / "checkpoints/phase2/last.ckpt", "phase2")
     assert optimised == len(list(module.lmae.parameters())) == len([k for k in lmae_params])
-    upstream = p2["hyper_parameters"]["upstream"]["phase1"]
+    upstream = p2["hyper_parameters"]["upstream"]
+    assert upstream["phase"] == "phase1" and p2["microscope"]["upstream"] == upstream
     assert upstream["path"].endswith("best.ckpt") and len(upstream["sha256"]) == 64
 
 

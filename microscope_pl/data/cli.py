@@ -29,7 +29,7 @@ def run_synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        out = synthesize(args.out, videos=args.videos, size=args.size, seconds=args.seconds, seed=args.seed,
+        out = synthesize(args.out_dir, videos=args.videos, size=args.size, seconds=args.seconds, seed=args.seed,
                          test_fraction=args.test_fraction, speech=args.speech,
                          audio_features=args.audio_features, verbose=not args.quiet)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -47,13 +47,13 @@ def run_prepare(args: argparse.Namespace) -> int:
     from microscope_pl.data.prepare import prepare
 
     try:
-        report = prepare(args.src, args.out, size=args.size, audio_features=args.audio_features,
+        report = prepare(args.src, args.out_dir, size=args.size, audio_features=args.audio_features,
                          face_crop=args.face_crop, landmarks=args.landmarks, test_fraction=args.test_fraction,
                          min_seconds=args.min_seconds, verbose=not args.quiet)
     except (ValueError, RuntimeError, OSError) as exc:
         return _fail(_first_line(exc))
     print(f"prepared {len(report['processed'])} new, kept {len(report['existing'])}, "
-          f"skipped {len(report['skipped'])} (reasons in {args.out}/report.json); "
+          f"skipped {len(report['skipped'])} (reasons in {args.out_dir}/report.json); "
           f"split {report['train']} train / {report['test']} test; pose: {report['pose_source']}, "
           f"blink: {report['blink_source']}")
     return 0
@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="synthesise the embedded talking-head data set",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    synth.add_argument("--out", default="data/synth", help="output folder")
+    synth.add_argument("--out-dir", "--out", dest="out_dir", metavar="DIR", default="data/synth", help="output folder")
     synth.add_argument("--videos", type=int, default=8, help="number of videos (>= 2)")
     synth.add_argument("--size", type=int, default=128, help="frame size S (even, >= 32)")
     synth.add_argument("--seconds", type=float, default=4.0, help="length of each video")
@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="prepare a folder of real talking-head videos",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     prep.add_argument("--src", required=True, help="folder of raw videos (searched recursively)")
-    prep.add_argument("--out", required=True, help="output folder (resumable)")
+    prep.add_argument("--out-dir", "--out", dest="out_dir", metavar="DIR", required=True,
+                      help="output folder (resumable)")
     prep.add_argument("--size", type=int, default=256, help="output frame size S")
     prep.add_argument("--audio-features", default="logmel", help="'logmel' or 'hubert:<model id or dir>'")
     prep.add_argument("--face-crop", choices=["auto", "detect", "center"], default="auto",

@@ -2,16 +2,63 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from microscope_pl.data.datasets import ClipDataset, FramePairDataset, load_manifest
+from microscope_pl.models.config import from_dict
 
 MODES = ("pairs", "clips")
 REFERENCES = ("first", "random")
+
+
+@dataclass
+class ClipCurriculum:
+    """Stage 2 of DAWN's clip curriculum (mode "clips"). Stage 1 is the data module's
+    own ``num_frames`` and ``reference``; from ``switch_epoch`` on, every training epoch
+    draws one clip length in ``[min_frames, max_frames]`` and takes its reference frame
+    per ``reference``. Validation during fit follows the same epochs.
+
+    Args:
+        switch_epoch: first epoch of stage 2 (0-based, as ``trainer.current_epoch``).
+        min_frames: shortest stage-2 clip.
+        max_frames: longest stage-2 clip.
+        reference: stage-2 reference frame, "random" (any frame of the video, DAWN's) or "first".
+        seed: seed of the per-epoch clip length.
+    """
+
+    switch_epoch: int = 20
+    min_frames: int = 30
+    max_frames: int = 40
+    reference: str = "random"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.switch_epoch < 0:
+            raise ValueError(f"curriculum switch_epoch must be >= 0, got {self.switch_epoch}")
+        if not 1 <= self.min_frames <= self.max_frames:
+            raise ValueError(f"curriculum needs 1 <= min_frames <= max_frames, got min_frames={self.min_frames}, "
+                             f"max_frames={self.max_frames}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"curriculum reference must be one of {REFERENCES}, got {self.reference!r}")
+
+    def clip_options(self, epoch: int, num_frames: int, reference: str) -> tuple[int, str]:
+        """(clip length, reference) of ``epoch``, given the stage-1 ``num_frames`` and ``reference``."""
+        if epoch < self.switch_epoch:
+            return num_frames, reference
+        return random.Random(self.seed + epoch).randint(self.min_frames, self.max_frames), self.reference
+
+
+def as_curriculum(value: ClipCurriculum | dict[str, Any] | None) -> ClipCurriculum | None:
+    """A ClipCurriculum from the CLI's instance, a plain mapping (a checkpoint's), or None."""
+    return None if value is None else from_dict(ClipCurriculum, value)
 
 
 class TalkingHeadDataModule(pl.LightningDataModule):
@@ -42,6 +89,7 @@ class TalkingHeadDataModule(pl.LightningDataModule):
         synth_size: int = 128,
         synth_seed: int = 0,
         latent_cache: str | None = None,
+        curriculum: Optional[ClipCurriculum] = None,
     ) -> None:
         """
         Args:
@@ -63,6 +111,8 @@ class TalkingHeadDataModule(pl.LightningDataModule):
             synth_seed: seed of the synthetic data set.
             latent_cache: a file from `microscope latents cache`; training clips then carry
                 cached latents instead of frames (mode "clips", train split only).
+            curriculum: stage 2 of the clip curriculum (mode "clips"; null: one stage).
+                Needs ``trainer.reload_dataloaders_every_n_epochs: 1``.
         """
         super().__init__()
         if mode not in MODES:
@@ -80,11 +130,20 @@ class TalkingHeadDataModule(pl.LightningDataModule):
             raise ValueError(f"image_size must be >= 8 or None, got {image_size}")
         if latent_cache and mode != "clips":
             raise ValueError(f"latent_cache needs mode 'clips', got mode {mode!r}")
+        stage2 = as_curriculum(curriculum)
+        if stage2 is not None and mode != "clips":
+            raise ValueError(f"curriculum needs mode 'clips', got mode {mode!r}")
         synth_frames = int(round(synth_seconds * 25))
-        if mode == "clips" and synthesize_if_missing and num_frames > synth_frames:
-            raise ValueError(f"num_frames={num_frames} is longer than the synthetic videos "
-                             f"(synth_seconds={synth_seconds} -> {synth_frames} frames)")
+        if mode == "clips" and synthesize_if_missing:
+            longest = max(num_frames, stage2.max_frames if stage2 else 0)
+            name = "num_frames" if longest == num_frames else "curriculum max_frames"
+            if longest > synth_frames:
+                raise ValueError(f"{name}={longest} is longer than the synthetic videos "
+                                 f"(synth_seconds={synth_seconds} -> {synth_frames} frames)")
+        curriculum = dataclasses.asdict(stage2) if stage2 else None  # plain: weights-only checkpoints load it
         self.save_hyperparameters()
+        self.curriculum = stage2
+        self.stage1 = (num_frames, reference)
         self.data_root = Path(data_root)
         self.mode = mode
         self.image_size = image_size
@@ -171,6 +230,18 @@ class TalkingHeadDataModule(pl.LightningDataModule):
         if self.test_set is not None:
             self.test_set = self._make("test")
 
+    def follow_curriculum(self) -> None:
+        """Set the clip options of the trainer's current epoch (while fitting, with a curriculum)."""
+        trainer = self.trainer
+        if self.curriculum is None or trainer is None or trainer.state.fn != "fit":
+            return
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError("data.curriculum needs trainer.reload_dataloaders_every_n_epochs=1, got "
+                             f"{trainer.reload_dataloaders_every_n_epochs} (or set data.curriculum to null)")
+        frames, reference = self.curriculum.clip_options(trainer.current_epoch, *self.stage1)
+        if (frames, reference) != (self.num_frames, self.reference):
+            self.set_clip_options(num_frames=frames, reference=reference)
+
     # ------------------------------------------------------------ loaders
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
@@ -181,9 +252,11 @@ class TalkingHeadDataModule(pl.LightningDataModule):
                           drop_last=train and len(dataset) >= self.batch_size)  # type: ignore[arg-type]
 
     def train_dataloader(self) -> DataLoader:
+        self.follow_curriculum()
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        self.follow_curriculum()
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:

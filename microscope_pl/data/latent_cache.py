@@ -52,24 +52,19 @@ def build_cache(ckpt_path: str | None, data_root: str | Path, out: str | Path, l
                 references: int = 8, splits: tuple[str, ...] = ("train",), chunk: int = 32,
                 device: str = "cpu", verbose: bool = True) -> dict[str, Any]:
     """Encode the ``splits`` of ``data_root`` and write the cache to ``out`` atomically."""
-    from microscope_pl.checkpointing import AtomicCheckpointIO, file_sha256
+    from microscope_pl.checkpointing import save_atomic
     from microscope_pl.data.datasets import VideoStore, frames_to_tensor, load_manifest, split_videos
-    from microscope_pl.models.fde import FDE
-    from microscope_pl.models.lmae import LMAE
     from microscope_pl.models.mdcf import DynamicsCodec
-    from microscope_pl.phases import find_checkpoint, load_module
+    from microscope_pl.phases import freeze_upstream
 
     if latent not in ("mdcf", "fde"):
         raise ValueError(f"latent must be 'mdcf' or 'fde', got {latent!r}")
     if references < 1 or chunk < 1:
         raise ValueError(f"references and chunk must be >= 1, got {references} and {chunk}")
     phase = "phase2" if latent == "mdcf" else "phase1"
-    path = find_checkpoint(phase, ckpt_path)
-    module = load_module(path, phase)
-    fde: FDE = module.fde
-    lmae: LMAE | None = module.lmae if latent == "mdcf" else None
-    codec = DynamicsCodec(fde, lmae).to(device).eval()
-    size = int(module.hparams.image_size)
+    upstream = freeze_upstream(phase, ckpt_path)
+    codec = DynamicsCodec(upstream.networks["fde"], upstream.networks.get("lmae")).to(device).eval()
+    size = int(upstream.record["image_size"])
     manifest = load_manifest(data_root)
     names = [n for split in splits for n in split_videos(manifest, split)]
     if not names:
@@ -98,8 +93,8 @@ def build_cache(ckpt_path: str | None, data_root: str | Path, out: str | Path, l
             print(f"[{i + 1}/{len(names)}] {name}: {count} frames x {len(refs)} references "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
     cache = {"format": FORMAT, "latent": latent, "image_size": size,
-             "upstream": {"phase": phase, "path": str(path), "sha256": file_sha256(path)}, "videos": videos}
-    AtomicCheckpointIO().save_checkpoint(cache, out)  # temporary name, then rename
+             "upstream": {k: upstream.record[k] for k in ("phase", "path", "sha256")}, "videos": videos}
+    save_atomic(cache, out)
     return cache
 
 
@@ -137,7 +132,7 @@ def check_cache(cache: dict[str, Any], latent: str, image_size: int, upstream_sh
 
 def run_cache(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    cache = build_cache(args.ckpt, args.data, args.out, latent=args.latent, references=args.references,
+    cache = build_cache(args.ckpt_path, args.data, args.out, latent=args.latent, references=args.references,
                         splits=tuple(args.splits), chunk=args.chunk, device=args.device, verbose=not args.quiet)
     frames = sum(int(v["frames"]) for v in cache["videos"].values())
     size_mb = Path(args.out).stat().st_size / 2**20
@@ -154,7 +149,8 @@ def register(sub: Any) -> None:
     cache = leaves.add_parser("cache", help="encode every frame through the frozen upstream once")
     cache.add_argument("--data", default="data/synth", help="data set folder (with manifest.json)")
     cache.add_argument("--out", required=True, help="cache file to write (e.g. data/synth/latents_mdcf.pt)")
-    cache.add_argument("--ckpt", default=None, help="upstream checkpoint (default: checkpoints/phase2 "
+    cache.add_argument("--ckpt-path", "--ckpt_path", "--ckpt", "--checkpoint", dest="ckpt_path", default=None,
+                       help="upstream checkpoint (default: checkpoints/phase2 "
                        "best, then last; phase1 with --latent fde)")
     cache.add_argument("--latent", default="mdcf", choices=("mdcf", "fde"))
     cache.add_argument("--references", type=int, default=8, help="reference frames per video (default %(default)s)")

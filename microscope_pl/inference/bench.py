@@ -1,6 +1,6 @@
 """`microscope bench generate`: memory and time of generation, MDCF vs the DAWN-style latent.
 
-The claim under test (DESIGN.md, stage 3): diffusing the 4 x H/32 MDCF latent
+The claim under test (paper section 3.2): diffusing the 4 x H/32 MDCF latent
 instead of FDE's 3 x H/4 dynamics makes non-autoregressive generation of long
 clips affordable. Cost does not depend on the weights, so networks are built
 with random weights at the widths of configs/{diffusion,phase1_fde,phase2_lmae}.yaml
@@ -8,11 +8,11 @@ with random weights at the widths of configs/{diffusion,phase1_fde,phase2_lmae}.
 
 - denoising: the full clip through `--steps` DDIM steps (guidance scales 1:
   one forward per step); the time per step is scaled to the configured
-  sample_steps (20) and the report says so;
+  sampling steps (20) and the report says so;
 - decoding: the first `--decode-sample-chunks` chunks of `decode_chunk` frames
   (LMAE + FDE decode and uint8 conversion, no H.264 encoding), extrapolated
   to the clip length, also said in the report;
-- training: forward + backward + AdamW step of the denoiser on a 20-frame clip
+- training: forward + backward + Adam step of the denoiser on a 20-frame clip
   at batch 1 (clip encoded online by the frozen codec, as in training).
 
 Each case runs in its own process, forked from a server that imported torch
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -39,18 +38,17 @@ from typing import Any
 GB = 1024**3
 LATENTS = ("mdcf", "fde")
 TRAIN_FRAMES = 20
-WORKER_MODULES = ["torch", "microscope_pl.models.unet3d", "microscope_pl.models.fde", "microscope_pl.models.lmae",
-                  "microscope_pl.models.mdcf", "microscope_pl.diffusion.samplers"]
-# --smoke: a few seconds of work per case, same code path.
+WORKER_MODULES = ["torch", "microscope_pl.diffusion.pipeline", "microscope_pl.models.fde", "microscope_pl.models.lmae"]
+# --smoke: a few seconds of work per case, same code path. Keys as in the configs' init_args.
 SMOKE_WIDTHS: dict[str, dict[str, Any]] = {
-    "unet": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [1], "num_heads": 2,
-             "cond_mode": "cross_attn", "cond_dim": 16, "image_cond_channels": 8, "audio_dim": 80},
+    "denoiser": {"base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [1], "num_heads": 2,
+                 "cond_mode": "cross_attn", "cond_dim": 16, "image_cond_channels": 8, "audio_dim": 80},
     "fde": {"downsample": 4, "block_expansion": 8, "max_features": 16, "num_regions": 2, "motion_block_expansion": 8,
             "motion_max_features": 16, "motion_num_blocks": 2, "num_res_blocks": 1, "norm": "group"},
     "lmae": {"latent_channels": 4, "num_down": 3, "base_channels": 8, "channel_mult": [1, 1, 1, 1],
              "num_res_blocks": 1, "norm_groups": 4, "mid_attention": False},
-    "sampling": {"num_train_steps": 1000, "schedule": "cosine", "prediction": "eps", "sampler": "ddim",
-                 "sample_steps": 20, "decode_chunk": 16},
+    "schedule": {"num_train_steps": 1000, "schedule": "cosine", "prediction": "eps"},
+    "sampling": {"sampler": "ddim", "steps": 20, "decode_chunk": 16},
 }
 
 
@@ -70,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--latents", nargs="+", choices=LATENTS, default=list(LATENTS),
                    help="mdcf: 4 x H/32 (paper); fde: 3 x H/4 dynamics (DAWN-style baseline)" + d)
     p.add_argument("--mem-cap-gb", type=float, default=20.0, help="memory cap per case (process RSS)" + d)
-    p.add_argument("--steps", type=int, default=2, help="denoising steps actually run (scaled to sample_steps)" + d)
+    p.add_argument("--steps", type=int, default=2, help="denoising steps actually run (scaled to the sampling steps)" + d)
     p.add_argument("--decode-sample-chunks", type=int, default=4,
                    help="decoder chunks timed, then extrapolated" + d)
     p.add_argument("--train-steps", type=int, default=2, help="training steps timed (the last one is reported)" + d)
@@ -82,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config-dir", default=None, help="where diffusion.yaml etc. live (default: the repo's configs/)")
     p.add_argument("--overlays", nargs="+", default=[],
                    help="configs applied over the base ones, matched by name (e.g. configs/hdtf/*.yaml: paper widths)")
-    p.add_argument("--out", default="reports/bench", help="folder for report.md, report.json, report.png" + d)
+    p.add_argument("--out-dir", "--out", dest="out", default="reports/bench",
+                   help="folder for report.md, report.json, report.png" + d)
     p.add_argument("--smoke", action="store_true", help="tiny widths, 64x64, frames 8 and 16, 1 step (seconds)")
     p.set_defaults(func=run_bench)
     bench.set_defaults(func=lambda args: _usage(bench))
@@ -111,7 +110,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--config-dir", args.config_dir]
     if args.overlays:
         parts += ["--overlays", *args.overlays]
-    return shlex.join(parts + ["--out", str(args.out)])
+    return shlex.join(parts + ["--out-dir", str(args.out)])
 
 
 # ================================================================ widths from the configs
@@ -128,8 +127,16 @@ def _init_args(path: Path) -> dict[str, Any]:
 OVERLAY_PREFIXES = {"diffusion": "diffusion.yaml", "phase1_fde": "phase1_fde.yaml", "phase2_lmae": "phase2_lmae.yaml"}
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on `base`, nested mappings merged key by key (as a second `--config` does)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def config_widths(config_dir: str | None, overlays: list[str] = ()) -> tuple[dict[str, dict[str, Any]], str]:
-    """Network widths of the trained configs -> ({"unet", "fde", "lmae", "sampling"}, folder).
+    """Network settings of the trained configs -> ({"fde", "lmae", "denoiser", "schedule", "sampling"}, folder).
 
     Each overlay (e.g. configs/hdtf/phase1_fde_512.yaml) updates the base config
     its file name starts with, as a second `--config` would in `microscope fit`.
@@ -142,12 +149,10 @@ def config_widths(config_dir: str | None, overlays: list[str] = ()) -> tuple[dic
         base = next((b for prefix, b in OVERLAY_PREFIXES.items() if Path(overlay).name.startswith(prefix)), None)
         if base is None:
             raise ValueError(f"overlay {overlay}: its name must start with one of {', '.join(OVERLAY_PREFIXES)}")
-        args[base].update(_init_args(Path(overlay)))
+        args[base] = _merge(args[base], _init_args(Path(overlay)))
     diffusion = args["diffusion.yaml"]
-    sampling = {k: diffusion[k] for k in SMOKE_WIDTHS["sampling"] if k in diffusion}
-    widths = {"unet": {k: v for k, v in diffusion.items() if k not in sampling},
-              "fde": args["phase1_fde.yaml"], "lmae": args["phase2_lmae.yaml"],
-              "sampling": {**SMOKE_WIDTHS["sampling"], **sampling}}
+    widths = {"fde": args["phase1_fde.yaml"].get("network") or {}, "lmae": args["phase2_lmae.yaml"].get("network") or {},
+              **{key: diffusion.get(key) or {} for key in ("denoiser", "schedule", "sampling")}}
     return widths, str(folder)
 
 
@@ -200,37 +205,20 @@ class PeakMemory:
         return {"peak_rss_gb": hwm / GB, "peak_gpu_gb": gpu}
 
 
-def _accepted(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `values` that `cls.__init__` takes (configs hold training settings too)."""
-    import inspect
+def _build(case: dict[str, Any], device: "torch.device") -> Any:  # noqa: F821
+    """The untrained generation pipeline at the case's settings (random weights: cost does not depend on them)."""
+    from microscope_pl.diffusion.pipeline import TalkingHeadPipeline
+    from microscope_pl.models.config import (DenoiserConfig, FDEConfig, LMAEConfig, SamplingConfig,
+                                             ScheduleConfig, from_dict)
+    from microscope_pl.models.mdcf import DynamicsCodec
 
-    names = set(inspect.signature(cls).parameters)
-    return {k: v for k, v in values.items() if k in names}
-
-
-def _build(case: dict[str, Any], device: "torch.device") -> dict[str, Any]:  # noqa: F821
-    """The networks `LatentDiffusionModule` holds, from models/ directly (no Lightning import)."""
-    from microscope_pl.diffusion.samplers import ddim_sample, dpm_solver_pp_2m_sample
-    from microscope_pl.diffusion.schedule import DiffusionSchedule
-    from microscope_pl.models.fde import FDE
-    from microscope_pl.models.lmae import LMAE
-    from microscope_pl.models.mdcf import DynamicsCodec, ImageCondition
-    from microscope_pl.models.unet3d import UNet3D
-
-    w, s = case["widths"], case["widths"]["sampling"]
-    fde = FDE(**_accepted(FDE, w["fde"]))
-    lmae = None
-    if case["latent"] == "mdcf":
-        lmae = LMAE(**{**_accepted(LMAE, w["lmae"]), "in_channels": 3, "output": "dynamics"})
-    codec = DynamicsCodec(fde, lmae).to(device).eval()
-    unet_args = {**_accepted(UNet3D, w["unet"]), "in_channels": codec.latent_channels}
-    extra_down = int(math.log2(codec.latent_down // fde.downsample))
-    image_cond = ImageCondition(fde.feature_channels[-1], unet_args.get("image_cond_channels", 256), extra_down)
-    unet = UNet3D(**unet_args)
-    sampler = {"ddim": ddim_sample, "dpm": dpm_solver_pp_2m_sample}[s["sampler"]]
-    return {"codec": codec, "unet": unet.to(device), "image_cond": image_cond.to(device), "sampler": sampler,
-            "schedule": DiffusionSchedule(s["num_train_steps"], s["schedule"], s["prediction"]),
-            "audio_dim": unet.audio_dim}
+    w = case["widths"]
+    lmae = from_dict(LMAEConfig, w["lmae"]).build() if case["latent"] == "mdcf" else None
+    codec = DynamicsCodec(from_dict(FDEConfig, w["fde"]).build(), lmae).eval()
+    pipeline = TalkingHeadPipeline.build(codec, from_dict(DenoiserConfig, w["denoiser"]),
+                                         from_dict(ScheduleConfig, w["schedule"]),
+                                         from_dict(SamplingConfig, w["sampling"]), case["size"])
+    return pipeline.to(device)
 
 
 def _sync(device: "torch.device") -> None:  # noqa: F821
@@ -240,33 +228,36 @@ def _sync(device: "torch.device") -> None:  # noqa: F821
         torch.cuda.synchronize(device)
 
 
-def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem: PeakMemory) -> dict[str, Any]:
-    """Denoise the whole clip for `steps` steps, then decode a sample of chunks."""
+def _generate_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMemory) -> dict[str, Any]:
+    """Denoise the whole clip for `steps` steps, then decode a sample of chunks, as `generate` does."""
     import torch
 
-    from microscope_pl.diffusion.samplers import guided_model_fn
     from microscope_pl.inference.generate import precision_autocast
 
-    codec, unet, size, n = nets["codec"], nets["unet"].eval(), case["size"], case["frames"]
+    n, size = case["frames"], case["size"]
     gen = torch.Generator().manual_seed(0)
-    reference = torch.rand(1, 3, size, size, generator=gen).to(device)
-    audio = torch.randn(1, n, nets["audio_dim"], generator=gen).to(device)
-    pose, blink = torch.zeros(1, n, 6, device=device), torch.zeros(1, n, 2, device=device)
-    side = size // codec.latent_down
+    batch = {"reference": torch.rand(1, 3, size, size, generator=gen).to(device),
+             "audio": torch.randn(1, n, pipeline.denoiser.audio_dim, generator=gen).to(device),
+             "pose": torch.zeros(1, n, 6, device=device), "blink": torch.zeros(1, n, 2, device=device)}
+    pipeline.eval()
 
     def denoise(steps: int) -> "torch.Tensor":
-        with torch.no_grad(), precision_autocast(case["precision"], device):  # as LatentDiffusionModule.sample_latents
-            image_cond = nets["image_cond"](codec.fde.encode(reference)[-1])
-            model_fn = guided_model_fn(unet, image_cond, audio, pose, blink, audio_scale=1.0, motion_scale=1.0,
-                                       batch_branches=n <= 64)
-            return nets["sampler"](model_fn, (1, codec.latent_channels, n, side, side), nets["schedule"],
-                                   steps=steps, generator=gen, device=device)
+        with precision_autocast(case["precision"], device):
+            return pipeline.sample_latents(batch, generator=gen, steps=steps, audio_scale=1.0, motion_scale=1.0)
+
+    def decode(z: "torch.Tensor", chunks: int) -> int:
+        decoded = 0
+        with torch.no_grad(), precision_autocast(case["precision"], device):
+            for i, frames in enumerate(pipeline.decode_chunks(batch["reference"], z, case["decode_chunk"])):
+                frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                decoded += frames.shape[0]
+                if i + 1 >= chunks:
+                    break
+        return decoded
 
     if device.type == "cuda":  # the first call pays CUDA/cuDNN start-up and kernel selection: not timed
         denoise(1)
-        chunk_z = torch.zeros(1, codec.latent_channels, min(n, case["decode_chunk"]), side, side, device=device)
-        with torch.no_grad(), precision_autocast(case["precision"], device):
-            next(iter(codec.decode_chunks(codec.fde.encode(reference), chunk_z, case["decode_chunk"])))
+        decode(torch.zeros(pipeline.latent_shape(1, min(n, case["decode_chunk"])), device=device), 1)
     mem.reset()
     start = time.perf_counter()
     z = denoise(case["steps"])
@@ -274,54 +265,40 @@ def _generate_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem:
     denoise_s = time.perf_counter() - start
     denoise = {"steps": case["steps"], "seconds": denoise_s, "per_step_s": denoise_s / case["steps"], **mem.read()}
 
-    chunk = case["decode_chunk"]
     mem.reset()
     start = time.perf_counter()
-    decoded = 0
-    # as generate: E(x_src) once, then chunks streamed out as uint8
-    with torch.no_grad(), precision_autocast(case["precision"], device):
-        features = codec.fde.encode(reference)
-        for i, frames in enumerate(codec.decode_chunks(features, z, chunk)):
-            frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            decoded += frames.shape[0]
-            if i + 1 >= case["decode_sample_chunks"]:
-                break
+    decoded = decode(z, case["decode_sample_chunks"])
     _sync(device)
     decode_s = time.perf_counter() - start
-    decode = {"sample_frames": decoded, "chunk": chunk, "seconds": decode_s, "per_frame_s": decode_s / decoded,
-              "projected_s": decode_s / decoded * n, **mem.read()}
-    return {"denoise": denoise, "decode": decode}
+    decode_row = {"sample_frames": decoded, "chunk": case["decode_chunk"], "seconds": decode_s,
+                  "per_frame_s": decode_s / decoded, "projected_s": decode_s / decoded * n, **mem.read()}
+    return {"denoise": denoise, "decode": decode_row}
 
 
-def _train_case(case: dict[str, Any], nets: dict[str, Any], device: Any, mem: PeakMemory) -> dict[str, Any]:
-    """Forward + backward + AdamW of the denoiser on one clip (as LatentDiffusionModule.training_step)."""
+def _train_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMemory) -> dict[str, Any]:
+    """Forward + backward + optimiser step of the denoiser on one clip, as LatentDiffusionModule trains it."""
     import torch
-    import torch.nn.functional as F
 
     from microscope_pl.inference.generate import precision_autocast
+    from microscope_pl.modules.settings import OptimizerConfig
 
-    codec, unet, image_cond, sched = nets["codec"], nets["unet"].train(), nets["image_cond"].train(), nets["schedule"]
     n, size = case["frames"], case["size"]
     gen = torch.Generator().manual_seed(0)
     frames = torch.rand(1, n, 3, size, size, generator=gen).to(device)
-    audio = torch.randn(1, n, nets["audio_dim"], generator=gen).to(device)
-    pose, blink = torch.zeros(1, n, 6, device=device), torch.zeros(1, n, 2, device=device)
-    params = [p for m in (unet, image_cond) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    batch = {"reference": frames[:, 0], "frames": frames,
+             "audio": torch.randn(1, n, pipeline.denoiser.audio_dim, generator=gen).to(device),
+             "pose": torch.zeros(1, n, 6, device=device), "blink": torch.zeros(1, n, 2, device=device)}
+    pipeline.denoiser.train()
+    pipeline.image_cond.train()
+    params = [p for m in (pipeline.denoiser, pipeline.image_cond) for p in m.parameters()]
+    opt = OptimizerConfig(lr=1e-4).build(params)
     mem.reset()
     times = []
     for _ in range(case["train_steps"]):
         start = time.perf_counter()
         with precision_autocast(case["precision"], device):  # what Lightning's *-mixed precision does
-            z0 = codec.encode(frames[:, 0], frames)  # frozen codec, no_grad inside
-            with torch.no_grad():
-                features = codec.fde.encode(frames[:, 0])
-            t = sched.sample_timesteps(1, device=device)
-            noise = torch.randn_like(z0)
-            out = unet(sched.q_sample(z0, t, noise), t, image_cond(features[-1]), audio, pose, blink,
-                       drop_audio=torch.zeros(1, dtype=torch.bool, device=device),
-                       drop_motion=torch.zeros(1, dtype=torch.bool, device=device))
-            loss = F.mse_loss(out.float(), sched.target(z0, noise, t).float())
+            z0 = pipeline.codec.encode(batch["reference"], frames)  # frozen codec, no_grad inside
+            loss = pipeline.denoising_error(z0, batch, drop_prob=0.0).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -352,8 +329,8 @@ def _worker(case: dict[str, Any], conn: Any, cap_bytes: int) -> None:
             torch.set_num_threads(case["threads"])
         torch.manual_seed(0)
         runtime = _status_kb("VmRSS") * 1024 / GB
-        nets = _build(case, device)
-        codec = nets["codec"]
+        pipeline = _build(case, device)
+        codec = pipeline.codec
         side = case["size"] // codec.latent_down
         conn.send({"event": "built", "torch": torch.__version__, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
@@ -361,11 +338,11 @@ def _worker(case: dict[str, Any], conn: Any, cap_bytes: int) -> None:
                    "model_rss_gb": _status_kb("VmRSS") * 1024 / GB,
                    "latent_shape": [codec.latent_channels, case["frames"], side, side],
                    "compression": 3 * case["size"] ** 2 / (codec.latent_channels * side * side),
-                   "denoiser_params": sum(p.numel() for p in nets["unet"].parameters()),
+                   "denoiser_params": sum(p.numel() for p in pipeline.denoiser.parameters()),
                    "codec_params": sum(p.numel() for p in codec.parameters())})
         mem = PeakMemory(device)
         run = _train_case if case["kind"] == "train" else _generate_case
-        conn.send({"event": "done", "status": "ok", "exact_peaks": mem.exact, **run(case, nets, device, mem)})
+        conn.send({"event": "done", "status": "ok", "exact_peaks": mem.exact, **run(case, pipeline, device, mem)})
     except BaseException as err:  # noqa: BLE001 - report every failure as a row, never crash the parent
         status = "over" if _is_oom(err) else "error"
         conn.send({"event": "done", "status": status, "error": f"{type(err).__name__}: {str(err).strip()[:300]}"})
@@ -462,7 +439,7 @@ def run_bench(args: argparse.Namespace) -> int:
     report = {"command": command_line(args), "config_dir": config_dir, "widths": widths,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "settings": {"mem_cap_gb": args.mem_cap_gb, "steps_run": args.steps,
-                           "steps_projected": int(widths["sampling"]["sample_steps"]),
+                           "steps_projected": int(widths["sampling"].get("steps", 20)),
                            "decode_chunk": base["decode_chunk"], "decode_sample_chunks": args.decode_sample_chunks,
                            "train_frames": TRAIN_FRAMES, "device": args.device, "precision": args.precision,
                            "timeout_s": args.timeout_s},

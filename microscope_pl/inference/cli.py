@@ -21,15 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate a talking-head video: every frame is denoised at once by the latent diffusion "
                     "model, then decoded in chunks by the frozen MDCF and streamed to the output file.")
     d = " (default: %(default)s)"
-    p.add_argument("--checkpoint", default=None,
+    p.add_argument("--ckpt-path", "--ckpt_path", "--checkpoint", "--ckpt", dest="ckpt_path", default=None,
                    help="diffusion checkpoint (default: checkpoints/diffusion/best.ckpt, else last.ckpt)")
     p.add_argument("--image", required=True,
                    help="portrait: PNG/JPEG/WebP/BMP file, or 'astronaut' (scikit-image's photo)")
     p.add_argument("--audio", default=None,
                    help="speech: any file ffmpeg reads, incl. a video's audio (default: an espeak-ng sentence)")
     p.add_argument("--out", required=True, help="output video (.mp4, .mkv or .mov)")
-    p.add_argument("--pbnet-checkpoint", default=None,
-                   help="PBNet checkpoint for --pose pbnet (default: checkpoints/pbnet/{best,last}.ckpt)")
+    p.add_argument("--pbnet-ckpt-path", "--pbnet-checkpoint", dest="pbnet_ckpt_path", default=None,
+                   help="PBNet checkpoint for --pose pbnet (default: pbnet/{best,last}.ckpt beside the diffusion "
+                        "checkpoint's folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (PBNet: seed + 1)" + d)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, 20)")
     p.add_argument("--audio-scale", type=float, default=None,
@@ -64,14 +65,14 @@ def run(args: argparse.Namespace) -> int:
     from microscope_pl.inference.inputs import speak
     from microscope_pl.phases import find_checkpoint
 
-    checkpoint = find_checkpoint("diffusion", args.checkpoint)
+    checkpoint = find_checkpoint("diffusion", args.ckpt_path)
     with tempfile.TemporaryDirectory() as tmp:
         audio = args.audio
         if audio is None:  # `make generate` without AUDIO=: say a sentence
             audio = str(speak(DEFAULT_SENTENCE, Path(tmp) / "speech.wav"))
             log_stderr(f"no --audio: speaking {DEFAULT_SENTENCE!r} with espeak-ng")
         path = generate(
-            checkpoint, args.image, audio, args.out, pbnet_checkpoint=args.pbnet_checkpoint, seed=args.seed,
+            checkpoint, args.image, audio, args.out, pbnet_checkpoint=args.pbnet_ckpt_path, seed=args.seed,
             steps=args.steps, audio_scale=args.audio_scale, motion_scale=args.motion_scale,
             resolution=args.resolution, fps=args.fps, pose=args.pose, reference_pose=args.reference_pose,
             decode_chunk=args.decode_chunk, device=args.device, precision=args.precision,

@@ -118,33 +118,14 @@ def precision_autocast(precision: str, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def resolve_audio_features(checkpoint: str | Path, hparams: Any, override: str | None = None) -> str:
-    """The audio feature kind the checkpoint was trained with.
-
-    Nothing extra is stored in our checkpoints: the kind is read from (in
-    order) `override`, the datamodule hyper-parameters Lightning saves in every
-    checkpoint, or the manifest under their `data_root` if it still exists;
-    80-d features can only be the log-mel fallback. Otherwise the user must say.
-    """
+def resolve_audio_features(record: dict[str, Any], override: str | None = None) -> str:
+    """The audio feature kind the checkpoint was trained with: `override`, else the
+    kind its record names; 80-d features can only be the log-mel fallback."""
     if override:
         return override
-    audio_dim = int(hparams.get("audio_dim", 0))
-    if hparams.get("audio_features"):
-        return str(hparams["audio_features"])
-    from microscope_pl.checkpointing import read_checkpoint
-
-    data_hp = read_checkpoint(checkpoint).get("datamodule_hyper_parameters") or {}
-    if data_hp.get("audio_features"):
-        return str(data_hp["audio_features"])
-    root = data_hp.get("data_root")
-    manifest = Path(root) / "manifest.json" if root else None
-    if manifest is not None and manifest.is_file():
-        try:
-            kind = json.loads(manifest.read_text()).get("audio_features")
-        except (OSError, ValueError):
-            kind = None
-        if kind:
-            return str(kind)
+    if record.get("audio_features"):
+        return str(record["audio_features"])
+    audio_dim = int(record["networks"]["denoiser"]["audio_dim"])
     if audio_dim == 80:
         return "logmel"
     raise ValueError(f"the checkpoint was trained on {audio_dim}-d audio features of an unrecorded kind; "
@@ -198,11 +179,12 @@ def load_motion_file(path: str | Path, num_frames: int) -> np.ndarray:
 
 
 def motion_conditions(pose: str, reference_pose: str, audio: torch.Tensor, audio_dim: int,
-                      pbnet_checkpoint: str | None, generator: torch.Generator,
+                      checkpoint: str | Path, pbnet_checkpoint: str | None, generator: torch.Generator,
                       log: LogFn) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Pose `1 n 6` and blink `1 n 2` for the denoiser, as deltas from the portrait.
 
-    `pose`: "pbnet" samples them from the audio (`audio` `1 n d` on the CPU),
+    `pose`: "pbnet" samples them from the audio (`audio` `1 n d` on the CPU) with the
+    PBNet beside the diffusion `checkpoint` (or `pbnet_checkpoint`),
     "still" keeps the portrait's pose and eyes (zeros), a path reads a track.
     `reference_pose`: how the values relate to the portrait. "first": the
     portrait shows the pose of the track's first frame, so the first row is
@@ -215,21 +197,17 @@ def motion_conditions(pose: str, reference_pose: str, audio: torch.Tensor, audio
     if pose == "still":
         return torch.zeros(1, n, 6), torch.zeros(1, n, 2), "still (portrait pose, no blinks)"
     if pose == "pbnet":
-        from microscope_pl.checkpointing import CheckpointError
-        from microscope_pl.phases import find_checkpoint, load_module
+        from microscope_pl.inference.loading import find_pbnet, load_pbnet
 
-        try:
-            path = find_checkpoint("pbnet", pbnet_checkpoint)
-        except CheckpointError as err:
-            raise CheckpointError(f"{err} (or use --pose still)") from err
-        pbnet = load_module(path, "pbnet")
-        if int(pbnet.hparams.audio_dim) != audio_dim:
-            raise ValueError(f"PBNet {path} takes audio_dim {pbnet.hparams.audio_dim}, "
+        path = find_pbnet(checkpoint, pbnet_checkpoint)
+        pbnet, _ = load_pbnet(path)
+        if int(pbnet.audio_dim) != audio_dim:
+            raise ValueError(f"PBNet {path} takes audio_dim {pbnet.audio_dim}, "
                              f"the diffusion checkpoint audio_dim {audio_dim}")
         # PBNet is small: sample it on the CPU so a seed gives the same motion on any device.
-        pose_t, blink_t = pbnet.sample(audio.float(), generator=generator)
+        with torch.no_grad():
+            motion = pbnet.sample(audio.float(), generator=generator).float()
         log(f"pose and blink: sampled by PBNet from {path}")
-        motion = torch.cat([pose_t, blink_t], dim=-1).float()
         source = f"pbnet ({path})"
     else:
         motion = torch.from_numpy(load_motion_file(pose, n))[None]
@@ -318,9 +296,10 @@ def run_generation(
         audio: speech, any file ffmpeg reads (also the audio of a video).
         out: output video (.mp4, .mkv or .mov); written to a temporary name and
             renamed when complete, so a failure never leaves a partial file.
-        pbnet_checkpoint: PBNet checkpoint; default checkpoints/pbnet/{best,last}.ckpt.
+        pbnet_checkpoint: PBNet checkpoint; default pbnet/{best,last}.ckpt in the
+            diffusion checkpoint's run folder (checkpoints/pbnet/ for checkpoints/diffusion/).
         seed: seed of the diffusion noise (PBNet uses seed + 1).
-        steps: sampling steps; default the checkpoint's sample_steps (20).
+        steps: sampling steps; default the checkpoint's sampling.steps (20).
         audio_scale: classifier-free guidance scale of audio; default the checkpoint's.
         motion_scale: guidance scale of pose/blink; default the checkpoint's.
         resolution: must equal the checkpoint's image_size when given.
@@ -343,7 +322,7 @@ def run_generation(
     Returns a :class:`GenerationReport` with the path and the timings.
     """
     from microscope_pl.data.video_io import VideoWriter
-    from microscope_pl.phases import load_module
+    from microscope_pl.inference.loading import load_pipeline
 
     start = time.perf_counter()
     say: LogFn = log or (lambda msg: None)
@@ -359,9 +338,9 @@ def run_generation(
         raise ValueError(f"audio {audio} is {wave.size / SAMPLE_RATE * 1000:.0f} ms long, "
                          f"shorter than one frame at {fps:g} fps")
 
-    module = load_module(checkpoint, "diffusion")  # CheckpointError for another phase or a corrupt file
-    hp = module.hparams
-    size = int(hp.image_size)
+    pipeline, record = load_pipeline(checkpoint)  # CheckpointError for another phase or a corrupt file
+    size = pipeline.image_size
+    audio_dim = int(record["networks"]["denoiser"]["audio_dim"])
     if resolution is not None and int(resolution) != size:
         raise ValueError(f"--resolution {resolution} does not match the checkpoint's image_size {size}; "
                          f"generate at {size} (each checkpoint works at the size it was trained at)")
@@ -371,18 +350,18 @@ def run_generation(
     autocast = precision_autocast(precision, dev)  # a bad precision fails before any work
     square, how = crop_portrait(rgb, size, face_crop)
     say(f"portrait {image}: {how}")
-    kind = resolve_audio_features(checkpoint, hp, audio_features_kind)
-    feats = audio_features(wave, num_frames, kind, int(hp.audio_dim), fps, dev).cpu()
+    kind = resolve_audio_features(record, audio_features_kind)
+    feats = audio_features(wave, num_frames, kind, audio_dim, fps, dev).cpu()
     say(f"audio {audio}: {wave.size / SAMPLE_RATE:.2f} s -> {num_frames} frames of {kind} features")
     pose_t, blink_t, pose_source = motion_conditions(
-        pose, reference_pose, feats, int(hp.audio_dim), pbnet_checkpoint,
+        pose, reference_pose, feats, audio_dim, checkpoint, pbnet_checkpoint,
         torch.Generator().manual_seed(seed + 1), say)
 
-    module = module.to(dev)
+    pipeline = pipeline.to(dev)
     reference = torch.from_numpy(square).permute(2, 0, 1).float().div(255.0)[None]
     batch = {"reference": reference.to(dev), "audio": feats.to(dev),
              "pose": pose_t.to(dev), "blink": blink_t.to(dev)}
-    total_steps = int(steps or hp.sample_steps)
+    total_steps = int(steps or pipeline.sampling.steps)
     _sync(dev)
     prepared = time.perf_counter()
 
@@ -390,7 +369,7 @@ def run_generation(
         # ---- denoise all N frames together (non-autoregressive, eq. 10)
         steps_task = bars.add_task("denoise", total=total_steps) if bars is not None else None
         callback = (lambda i, n: bars.update(steps_task, completed=i + 1, total=n)) if bars is not None else None
-        z = module.sample_latents(batch, generator=torch.Generator().manual_seed(seed), steps=total_steps,
+        z = pipeline.sample_latents(batch, generator=torch.Generator().manual_seed(seed), steps=total_steps,
                                   audio_scale=audio_scale, motion_scale=motion_scale, progress=callback)
         _sync(dev)
         denoised = time.perf_counter()
@@ -398,8 +377,7 @@ def run_generation(
         # ---- decode in chunks, streamed to ffmpeg (temp file, renamed on success)
         frames_task = bars.add_task("decode", total=num_frames) if bars is not None else None
         with torch.no_grad(), VideoWriter(out, fps, size, audio=wave, sample_rate=SAMPLE_RATE) as writer:
-            features = module.codec.fde.encode(batch["reference"])
-            for frames in module.codec.decode_chunks(features, z, decode_chunk):
+            for frames in pipeline.decode_chunks(batch["reference"], z, decode_chunk):
                 writer.write(_to_uint8(frames))
                 if bars is not None:
                     bars.advance(frames_task, frames.shape[0])

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from microscope_pl.data.audio import load_audio, loudness_envelope
 from microscope_pl.data.video_io import read_video
+from microscope_pl.metrics.clips import fs_figures
 from microscope_pl.metrics.common import MetricUnavailable
-from microscope_pl.metrics.flow_smoothness import flow_smoothness
 from microscope_pl.metrics.frechet import FID, FVD, FeatureNet
 from microscope_pl.metrics.identity import IdentityEmbedder, build_identity_embedder, csim
 from microscope_pl.metrics.image import LPIPSMetric, psnr, ssim
@@ -258,10 +258,10 @@ class _Runner:
                 m.update(gt, real=True)
         if "fs" in self.want:
             if n >= 2:
-                fg, ft = flow_smoothness(pred), flow_smoothness(gt)
-                self._add(pair.name, "fs_gen", fg)
-                self._add(pair.name, "fs_gt", ft)
-                self._add(pair.name, "fs_error", abs(fg - ft))
+                fs = fs_figures(pred[None], gt[None])
+                self._add(pair.name, "fs_gen", fs["fs_generated"])
+                self._add(pair.name, "fs_gt", fs["fs_ground_truth"])
+                self._add(pair.name, "fs_error", fs["fs_error"])
             else:
                 self._skip_once("fs", f"{pair.name}: fewer than 2 frames")
         if self.identity is not None:
@@ -433,7 +433,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gt", required=True, help="ground truth: <name>.mp4 files or a prepared data set root")
     p.add_argument("--source", default=None,
                    help="source portrait (image or folder of <name>.png); default first GT frame")
-    p.add_argument("--out", default=None, help="where metrics.json / metrics.md go (default --pred)")
+    p.add_argument("--out-dir", "--out", dest="out_dir", default=None,
+                   help="--out-dir: folder where metrics.json / metrics.md go (default --pred)")
     p.add_argument("--size", type=int, default=256, help="resize frames to SIZE x SIZE first (0 keeps them)")
     p.add_argument("--metrics", default=",".join(ALL_METRICS),
                    help="comma-separated subset of " + ",".join(ALL_METRICS))
@@ -451,7 +452,7 @@ def _cli(args: argparse.Namespace) -> int:
     try:
         metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
         report = evaluate_folders(
-            args.pred, args.gt, source=args.source, out_dir=args.out,
+            args.pred, args.gt, source=args.source, out_dir=args.out_dir,
             config=EvalConfig(
                 size=args.size or None, metrics=metrics, device=args.device, max_frames=args.max_frames,
                 fid_weights=args.fid_weights, i3d_weights=args.i3d, syncnet_weights=args.syncnet,

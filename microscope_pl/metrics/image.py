@@ -1,8 +1,11 @@
 """Per-frame reconstruction metrics: PSNR, SSIM (torchmetrics) and LPIPS (lpips package).
 
-All inputs are images ``b 3 h w`` or clips ``b n 3 h w`` in [0, 1]; clips are
-flattened to frames and the metric is averaged over frames (the usual
-convention for video reconstruction tables).
+:func:`frame_psnr` and :func:`frame_ssim` are the one place a frame's PSNR and
+SSIM are computed; :func:`image_quality` groups them (plus an optional LPIPS)
+as tensors for LightningModules to log, and :func:`psnr` / :func:`ssim` are
+float wrappers for reports. The wrappers take images ``b 3 h w`` or clips
+``b n 3 h w`` in [0, 1]; clips are flattened to frames and the metric is
+averaged over frames (the usual convention for video reconstruction tables).
 """
 
 from __future__ import annotations
@@ -11,13 +14,19 @@ import os
 import warnings
 from pathlib import Path
 
+from typing import Callable, Iterator, Union
+
 import torch
+from torch import Tensor
 from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
     structural_similarity_index_measure,
 )
 
 from microscope_pl.metrics.common import MetricUnavailable
+
+# (pred, target) -> mean LPIPS: LPIPSMetric, a module's network, or a test stand-in.
+LPIPSFn = Callable[[Tensor, Tensor], Union[Tensor, float]]
 
 
 def _frames(x: torch.Tensor) -> torch.Tensor:
@@ -38,33 +47,77 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
 # ---------------------------------------------------------------- PSNR / SSIM
 
 
+def _check_frames(pred: Tensor, target: Tensor) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    if pred.ndim != 4 or pred.shape[1] != 3:
+        raise ValueError(f"expected frames b 3 h w, got {tuple(pred.shape)}")
+    if not (pred.is_floating_point() and target.is_floating_point()):
+        raise ValueError(f"expected float frames in [0, 1], got {pred.dtype} and {target.dtype} "
+                         "(divide uint8 frames by 255 first)")
+
+
+def frame_psnr(pred: Tensor, target: Tensor) -> Tensor:
+    """PSNR in dB of each frame (data range 1): ``b 3 h w`` pairs -> ``b``.
+
+    One MSE per frame (``dim=(1, 2, 3)``), not one over the batch, so a single
+    bad frame is not averaged away before the log. Identical frames give
+    ``inf``; callers that average clip it (``.clamp(max=100.0)``) first.
+    Inputs are used as given (no clamping or casting).
+    """
+    _check_frames(pred, target)
+    return peak_signal_noise_ratio(pred, target, data_range=1.0, dim=(1, 2, 3), reduction="none")
+
+
+def frame_ssim(pred: Tensor, target: Tensor) -> Tensor:
+    """SSIM of each frame (Gaussian window 11, sigma 1.5, data range 1): ``b 3 h w`` pairs -> ``b``."""
+    _check_frames(pred, target)
+    return structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+
+
+def image_quality(pred: Tensor, target: Tensor, lpips: LPIPSFn | None = None) -> dict[str, Tensor]:
+    """PSNR, SSIM and (when ``lpips`` is given) LPIPS of a frame batch, as tensors to log.
+
+    Args:
+        pred: ``b 3 h w`` predictions, cast to float and clamped to [0, 1].
+        target: ``b 3 h w`` ground truth in [0, 1], cast to float.
+        lpips: ``(pred, target) -> mean LPIPS`` (tensor or float), or None to leave it out.
+
+    Returns:
+        ``{"psnr": b (per frame, uncapped), "ssim": scalar mean, "lpips": scalar mean}``.
+    """
+    pred = pred.float().clamp(0, 1)
+    target = target.float()
+    out = {"psnr": frame_psnr(pred, target), "ssim": frame_ssim(pred, target).mean()}
+    if lpips is not None:
+        value = lpips(pred, target)
+        out["lpips"] = value.mean() if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    return out
+
+
 def psnr(pred: torch.Tensor, target: torch.Tensor, cap: float | None = None) -> float:
-    """Mean over frames of per-frame PSNR in dB (data range 1).
+    """Mean over frames of :func:`frame_psnr` in dB (data range 1).
 
     Args:
         pred, target: ``b 3 h w`` or ``b n 3 h w`` in [0, 1].
         cap: if given, each frame's PSNR is clipped to it before averaging, so
             one identical frame (``inf``) does not make the mean infinite.
-
-    Per-frame (``dim=(1, 2, 3)``) rather than one MSE over the whole batch, so
-    a single bad frame is not averaged away before the log. Identical frames
-    give ``inf``.
     """
     p, t = _check_pair(pred, target)
-    val = peak_signal_noise_ratio(p, t, data_range=1.0, dim=(1, 2, 3), reduction="none")
+    val = frame_psnr(p, t)
     if cap is not None:
         val = val.clamp(max=cap)
     return float(val.mean())
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean SSIM over frames (Gaussian window 11, sigma 1.5, data range 1).
+    """Mean over frames of :func:`frame_ssim`.
 
     Args:
         pred, target: ``b 3 h w`` or ``b n 3 h w`` in [0, 1].
     """
     p, t = _check_pair(pred, target)
-    return float(structural_similarity_index_measure(p, t, data_range=1.0))
+    return float(frame_ssim(p, t).mean())
 
 
 # ---------------------------------------------------------------- LPIPS
@@ -138,6 +191,22 @@ class LPIPSMetric:
         self.device = torch.device(device)
         self.chunk = chunk
         self.net = net
+
+    # nn.Module-like handles, so a LightningModule can move and freeze it (modules/base.py)
+    def to(self, device: str | torch.device) -> "LPIPSMetric":
+        """Run on ``device`` from now on; returns self."""
+        self.model = self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def eval(self) -> "LPIPSMetric":
+        """The network is always in eval mode; returns self."""
+        self.model.eval()
+        return self
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The parameters of the lpips network (backbone and linear heads)."""
+        return self.model.parameters()
 
     @staticmethod
     def _load_backbone(model: torch.nn.Module, net: str, path: Path) -> None:

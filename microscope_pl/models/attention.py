@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .blocks import group_count
+
 __all__ = [
     "CrossAttention",
     "SpatialAttention",
     "TemporalAttention",
     "apply_rotary",
-    "group_count",
     "local_attention",
     "naive_attention",
     "rotary_tables",
@@ -43,14 +44,6 @@ __all__ = [
 # CUDA attention kernels put batch and heads on grid axes capped at 65535;
 # splitting the flattened batch keeps calls on very long / large inputs legal.
 SDPA_MAX_BATCH = 32768
-
-
-def group_count(channels: int, max_groups: int = 32) -> int:
-    """Largest GroupNorm group count ``<= max_groups`` that divides ``channels``."""
-    for g in range(min(max_groups, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
 
 
 def _head_dim(channels: int, num_heads: int, even: bool = False) -> int:

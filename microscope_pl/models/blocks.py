@@ -1,8 +1,17 @@
-"""Convolutional building blocks and grid helpers shared by the FDE (stage 1).
+"""Building blocks and grid helpers shared by every network in ``models/``.
 
 Everything here is a plain ``nn.Module`` or a pure function; nothing imports
 Lightning. Shapes use einops letters: b batch, c channels, k regions,
 h/w height/width.
+
+Two residual blocks exist because the networks come from two lineages:
+
+- :class:`ReLUResBlock`, constant width, norm/ReLU (MRAA/LFDM): the FDE
+  generator bottleneck;
+- :class:`SiLUResBlock`, GroupNorm/SiLU with an optional width change,
+  dropout and scale-shift modulation (LDM/ADM): the KL auto-encoders
+  (``lmae.py``, ``pixel_vae.py``) and, extended with a temporal conv, the
+  3D U-Net (``unet3d.py``).
 
 Grid convention (docs/interfaces.md): a sampling grid is an absolute
 coordinate map ``b 2 h w`` in [-1, 1], channel 0 is x (width), channel 1 is y
@@ -15,18 +24,25 @@ Every resize and warp in this package uses that convention; mixing it with
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "group_count",
     "make_norm",
     "ConvBlock",
     "DownBlock",
     "UpBlock",
-    "ResBlock",
+    "ReLUResBlock",
     "Hourglass",
+    "SiLUResBlock",
+    "Downsample",
+    "Upsample",
     "identity_grid",
+    "apply_affine",
     "resize_grid",
     "resize_map",
     "antialias_resize",
@@ -37,6 +53,14 @@ __all__ = [
 # --------------------------------------------------------------------------
 # normalisation
 # --------------------------------------------------------------------------
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """Largest GroupNorm group count ``<= max_groups`` that divides ``channels``."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -102,8 +126,12 @@ class UpBlock(nn.Module):
         return self.block(F.interpolate(x, size=size, mode="nearest"))
 
 
-class ResBlock(nn.Module):
-    """Pre-activation residual block ``x + conv(relu(norm(conv(relu(norm(x))))))``."""
+class ReLUResBlock(nn.Module):
+    """Pre-activation residual block ``x + conv(relu(norm(conv(relu(norm(x))))))``.
+
+    Constant width ``b c h w -> b c h w`` (MRAA's ``ResBlock2d``); ``norm`` as
+    in :func:`make_norm`. The FDE generator stacks them at its bottleneck.
+    """
 
     def __init__(self, channels: int, norm: str = "group") -> None:
         super().__init__()
@@ -164,21 +192,115 @@ class Hourglass(nn.Module):
 
 
 # --------------------------------------------------------------------------
+# GroupNorm/SiLU blocks (LDM/ADM layout): KL auto-encoders and the 3D U-Net
+# --------------------------------------------------------------------------
+
+
+class SiLUResBlock(nn.Module):
+    """Pre-activation GroupNorm/SiLU residual block: ``b cin h w -> b cout h w``.
+
+    ::
+
+        h = conv3x3(SiLU(GN(x)))
+        h = GN(h)                                   # then * (1 + scale) + shift
+        out = skip(x) + conv3x3(dropout(SiLU(h)))   # zero-initialised conv
+
+    The skip is a 1x1 conv when the widths differ. The second conv starts at
+    zero, so a fresh block is its skip path and a deep stack of fresh blocks
+    passes its input through instead of scrambling it (the "zero module" of
+    diffusion U-Nets). With ``emb_dim``, ``self.emb`` maps an embedding to a
+    per-channel ``(scale, shift)`` applied after the second norm (ADM's
+    scale-shift modulation); the caller applies it and passes the result to
+    ``forward``, since only the caller knows how the embedding is batched.
+    """
+
+    def __init__(self, cin: int, cout: int, groups: int | None = None, dropout: float = 0.0,
+                 emb_dim: int | None = None) -> None:
+        """
+        Args:
+            cin, cout: input and output widths.
+            groups: GroupNorm groups of both norms (must divide ``cin`` and
+                ``cout``); None picks :func:`group_count` of each width.
+            dropout: dropout before the second conv.
+            emb_dim: width of the modulation embedding; None for no modulation.
+        """
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups or group_count(cin), cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout) if emb_dim is not None else None
+        self.norm2 = nn.GroupNorm(groups or group_count(cout), cout, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, scale_shift: Tensor | None = None) -> Tensor:
+        """``x: b cin h w``; ``scale_shift: b (2 cout) 1 1`` from ``self.emb``, or None."""
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        if scale_shift is not None:
+            scale, shift = scale_shift.chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        return self.skip(x) + self.conv2(self.drop(F.silu(h)))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv: ``b c h w -> b c ceil(h/2) ceil(w/2)`` (learned, unlike pooling)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Interpolate then 3x3 conv: ``b c h w -> b c 2h 2w``, or ``b c H W`` for ``size``.
+
+    Interpolation followed by a conv, rather than a transposed conv, leaves no
+    checkerboard pattern. ``mode`` is ``"nearest"`` (LDM's) or ``"bilinear"``
+    (smoother, for outputs that are smooth fields such as flow grids).
+    Passing ``size`` (the matching skip's size) lets odd sizes survive the
+    round trip through :class:`Downsample`, which rounds up.
+    """
+
+    def __init__(self, channels: int, mode: str = "nearest") -> None:
+        super().__init__()
+        if mode not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample mode must be 'nearest' or 'bilinear', got {mode!r}")
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.mode = mode
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        extra = {} if self.mode == "nearest" else {"align_corners": False}
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode=self.mode, **extra))
+        return self.conv(F.interpolate(x, size=tuple(size), mode=self.mode, **extra))
+
+
+# --------------------------------------------------------------------------
 # grids, resizing and warping (the A(., f) operator of paper eq. 5)
 # --------------------------------------------------------------------------
 
 
-def identity_grid(b: int, h: int, w: int, device: torch.device | str | None = None,
+def identity_grid(h: int, w: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> Tensor:
-    """Identity sampling grid ``b 2 h w`` (x then y) at pixel centres.
+    """The "no motion" sampling grid ``1 2 h w`` (x then y) at pixel centres.
 
-    ``F.grid_sample(x, identity_grid(...).permute(0, 2, 3, 1), align_corners=False)``
-    returns ``x`` exactly.
+    Values are ``(2 i + 1) / size - 1``, strictly inside (-1, 1), and
+    ``F.grid_sample(x, identity_grid(h, w).permute(0, 2, 3, 1), align_corners=False)``
+    returns ``x`` exactly. Callers that need a batch expand it
+    (``.expand(b, -1, -1, -1)``, no copy). Coordinates are computed in
+    float32 (float64 if asked for) and then cast: ``2 i + 1`` is not exact in
+    bfloat16 beyond 256 pixels.
     """
-    ys = (torch.arange(h, device=device, dtype=dtype or torch.float32) * 2 + 1) / h - 1
-    xs = (torch.arange(w, device=device, dtype=dtype or torch.float32) * 2 + 1) / w - 1
+    dtype = dtype or torch.float32
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    ys = (torch.arange(h, device=device, dtype=work) * 2 + 1) / h - 1
+    xs = (torch.arange(w, device=device, dtype=work) * 2 + 1) / w - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([gx, gy], dim=0).unsqueeze(0).expand(b, 2, h, w)
+    return torch.stack([gx, gy], dim=0).unsqueeze(0).to(dtype)
 
 
 def apply_affine(affine: Tensor, z: Tensor) -> Tensor:
@@ -218,10 +340,10 @@ def resize_grid(grid: Tensor, size: tuple[int, int]) -> Tensor:
     """
     if tuple(grid.shape[-2:]) == tuple(size):
         return grid
-    b, _, h, w = grid.shape
-    disp = grid - identity_grid(b, h, w, grid.device, grid.dtype)
+    h, w = grid.shape[-2:]
+    disp = grid - identity_grid(h, w, grid.device, grid.dtype)
     disp = resize_map(disp, size)
-    return disp + identity_grid(b, size[0], size[1], grid.device, grid.dtype)
+    return disp + identity_grid(size[0], size[1], grid.device, grid.dtype)
 
 
 def warp(x: Tensor, grid: Tensor, padding_mode: str = "border") -> Tensor:

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .blocks import (ConvBlock, DownBlock, ResBlock, UpBlock, antialias_resize, identity_grid,
+from .blocks import (ConvBlock, DownBlock, ReLUResBlock, UpBlock, antialias_resize, identity_grid,
                      resize_grid, resize_map, warp)
 from .motion import (BackgroundPredictor, PixelwiseFlowPredictor, RegionPredictor, compose_affines,
                      lucas_kanade_affine)
@@ -64,23 +64,21 @@ class FDE(nn.Module):
         estimate_background: predict a global background affine as the
             (k+1)-th sparse motion; if False that motion is the identity.
         source_skip: also blend the warped source *image* into the output,
-            ``m * A(x_src, f) + (1 - m) * D(...)`` at full resolution. Not in
-            the paper's eq. 5 (off by default); the small CPU configs turn it
-            on because a decoder trained for minutes cannot yet reproduce
-            source detail from features alone (measured: reconstructions
-            below the copy-the-source baseline without it).
+            ``m * A(x_src, f) + (1 - m) * D(...)`` at full resolution, so
+            visible pixels are copied from the source instead of being
+            rebuilt from features, which a briefly trained decoder cannot yet
+            do. Not in the paper's eq. 5 (off by default).
         flow_refinement: the pixelwise flow predictor also sees the driving
-            image and adds a dense residual flow to the region mixture (not in
-            MRAA; see ``PixelwiseFlowPredictor``). Off by default; the CPU
-            configs turn it on because regions alone learn little in minutes.
+            image and adds a dense residual flow to the region mixture, which
+            corrects what ``K`` affine regions cannot express (see
+            ``PixelwiseFlowPredictor``). Not in MRAA (off by default).
         global_alignment: start the background affine from a classical
             Lucas-Kanade registration of the motion-resolution images
             (``motion.lucas_kanade_affine``, no parameters, no gradient); the
             background predictor then learns a correction composed onto it.
-            Not in MRAA (off by default); the CPU configs turn it on because a
-            CNN regressing global motion from scratch needs far more than
-            minutes (measured: the registration alone warps the held-out
-            synthetic pairs to 27.4 dB, copying the source gives 23.1 dB).
+            A CNN regressing global motion from scratch needs long training;
+            the registration gives it from the first step. Not in MRAA (off
+            by default).
     """
 
     def __init__(self, image_channels: int = 3, downsample: int = 4, block_expansion: int = 64,
@@ -118,7 +116,7 @@ class FDE(nn.Module):
         self.first = ConvBlock(image_channels, chans[0], 7, norm)
         self.down_blocks = nn.ModuleList(DownBlock(chans[i], chans[i + 1], norm)
                                          for i in range(levels))
-        self.res_blocks = nn.Sequential(*(ResBlock(chans[-1], norm) for _ in range(num_res_blocks)))
+        self.res_blocks = nn.Sequential(*(ReLUResBlock(chans[-1], norm) for _ in range(num_res_blocks)))
         self.up_blocks = nn.ModuleList(UpBlock(chans[i + 1], chans[i], norm)
                                        for i in reversed(range(levels)))
         self.final = nn.Conv2d(chans[0], image_channels, 7, padding=3)

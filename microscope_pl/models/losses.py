@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["kl_divergence", "dynamics_mse", "psnr"]
+__all__ = ["kl_divergence", "dynamics_mse", "mouth_loss_weights"]
 
 
 # --------------------------------------------------------------------------
@@ -98,23 +98,20 @@ def dynamics_mse(pred: Tensor, target: Tensor) -> Tensor:
 # --------------------------------------------------------------------------
 
 
-def psnr(pred: Tensor, target: Tensor, max_value: float = 1.0) -> Tensor:
-    """Peak signal-to-noise ratio in dB, averaged over the batch.
+def mouth_loss_weights(boxes: torch.Tensor, image_size: int, latent_hw: tuple[int, int],
+                       weight: float) -> torch.Tensor:
+    """``b 1 1 h w`` loss weights: 1 + weight on the latent cells that the mouth box touches.
 
-    PSNR is computed per image and then averaged (the usual reporting
-    convention; the PSNR of the pooled batch MSE would let one bad image
-    dominate less than it should). The per-image MSE is floored at ``1e-10``
-    so identical images give a large finite value (100 dB) instead of inf.
-
-    Args:
-        pred: images ``b c h w`` in [0, max_value] (not clamped here).
-        target: images ``b c h w`` in [0, max_value].
-        max_value: the peak value, 1.0 for images in [0, 1].
-
-    Returns:
-        A scalar tensor (float32), in dB.
+    Not in the paper: an option for data where the lips are a sliver of the
+    motion, so that a plain loss gains little from the audio. ``boxes``: ``b 4``
+    (x0, y0, x1, y1) in pixels; samples without one (-1s) weigh uniformly.
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    err = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
-    return (10.0 * torch.log10(max_value**2 / err)).mean()
+    h, w = latent_hw
+    cell = image_size / w
+    tops = torch.arange(h, device=boxes.device) * cell  # cell i spans [i cell, (i + 1) cell)
+    lefts = torch.arange(w, device=boxes.device) * cell
+    x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
+    rows = (tops + cell > y0) & (tops < y1)  # b h: the cell overlaps the box
+    cols = (lefts + cell > x0) & (lefts < x1)  # b w
+    inside = rows[:, :, None] & cols[:, None, :] & (boxes >= 0).all(dim=1)[:, None, None]
+    return (1.0 + weight * inside.float())[:, None, None]

@@ -14,7 +14,31 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from microscope_pl.models.fde import FDE
-from microscope_pl.models.lmae import LMAE, identity_grid
+from microscope_pl.models.blocks import identity_grid
+from microscope_pl.models.lmae import LMAE
+
+
+def round_trip(fde: FDE, lmae: LMAE | None, source: Tensor, driving: Tensor,
+               sample: bool = False) -> dict[str, Tensor]:
+    """One frame pair through MDCF (eq. 6-9): [f; m] = FDE(source, driving) -> LMAE -> [f^; m^] -> FDE decode.
+
+    `source`, `driving`: `b 3 H W`. Returns "frame" (the reconstruction
+    `b 3 H W`), "dynamics" ([f^; m^]), "target_dynamics" ([f; m]), "mu",
+    "logvar" (the LMAE posterior; `sample` draws z from it, eq. 4) and
+    "features" (E(source)). FDE runs without gradients unless it is trainable
+    (the w/o TPC ablation); a loss on "frame" reaches LMAE through FDE's
+    decoder. Without LMAE (the H/4 baseline) "frame" is FDE's own reconstruction.
+    """
+    fde_trains = any(p.requires_grad for p in fde.parameters())
+    with torch.set_grad_enabled(fde_trains and torch.is_grad_enabled()):
+        target = fde.dynamics(source, driving)
+        features = fde.encode(source)
+    if lmae is None:
+        return {"frame": fde.decode(features, target), "dynamics": target, "target_dynamics": target,
+                "features": features}
+    out = lmae(target, sample=sample)
+    return {"frame": fde.decode(features, out["dynamics"]), "dynamics": out["dynamics"], "target_dynamics": target,
+            "mu": out["mu"], "logvar": out["logvar"], "features": features}
 
 
 class DynamicsCodec(nn.Module):
@@ -43,6 +67,10 @@ class DynamicsCodec(nn.Module):
     def latent_down(self) -> int:
         """Spatial factor between frames and latents (32 for MDCF, 4 for the baseline)."""
         return self.fde.downsample * (self.lmae.downsample_factor if self.lmae is not None else 1)
+
+    def reconstruct(self, source: Tensor, driving: Tensor, sample: bool = False) -> dict[str, Tensor]:
+        """Frame pairs through this codec: see :func:`round_trip`."""
+        return round_trip(self.fde, self.lmae, source, driving, sample)
 
     # ---------------------------------------------------------------- encode
     @torch.no_grad()

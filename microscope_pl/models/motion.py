@@ -1,8 +1,7 @@
 """Motion network of the FDE: regions, background affine and dense flow.
 
 This is the part of stage 1 that produces the dynamics ``[f; m]`` of paper
-eq. 5 (the MRAA motion model that LFDM and DAWN reuse, see DESIGN.md
-"Stage 1: FDE"). Everything runs at the motion resolution ``H * motion_scale``
+eq. 5 (the MRAA motion model that LFDM and DAWN reuse). Everything runs at the motion resolution ``H * motion_scale``
 (0.25 by default), on anti-aliased downscaled images. Shapes use einops
 letters: b batch, k regions, h/w the motion resolution.
 
@@ -36,14 +35,14 @@ __all__ = [
 _MIN_EIGENVALUE = 1e-4
 # Relative regulariser of the principal-axis angle (see covariance_to_affine).
 _ISOTROPY_EPS = 0.05
-# Output gain of the dense residual flow head (PixelwiseFlowPredictor(refine=True)):
-# measured, an undamped zero-initialised head jumped to ~20 px offsets within
-# a few hundred CPU steps and warped worse than copying the source; 0.1
-# oscillates when overfitting one batch, 0.01 learns steadily.
+# Output gain of the dense residual flow head (PixelwiseFlowPredictor(refine=True)).
+# Adam moves the output of a wide zero-initialised conv by about lr * fan-in
+# per step, so an undamped head leaps to offsets of many pixels within a few
+# steps; the gain brings its updates down to the scale of pixel corrections.
 RESIDUAL_GAIN = 0.01
-# Gauss-Newton steps of the global affine registration (lucas_kanade_affine):
-# measured on the synthetic held-out pairs at 32 x 32, 8 steps from the identity
-# converge (27.4 dB after the warp against 23.1 dB for copying the source).
+# Gauss-Newton steps of the global affine registration (lucas_kanade_affine).
+# Talking-head camera and head motion is small, so a few steps from the
+# identity converge.
 LK_ITERATIONS = 8
 
 
@@ -61,7 +60,7 @@ def covariance_to_affine(covar: Tensor) -> tuple[Tensor, Tensor]:
     the change of the principal-axis angle times a per-axis scaling. Instead
     of ``torch.svd`` (whose backward divides by ``lambda_1 - lambda_2`` and
     turns NaN for round regions, and whose eigenvector signs are arbitrary)
-    we solve the 2 x 2 symmetric case in closed form and pick the sign
+    the 2 x 2 symmetric case is solved in closed form with the sign chosen
     smoothly: ``U`` is always a proper rotation by an angle ``theta`` taken
     from the half-angle vector ``(r - y, x)`` where ``x = a - c``,
     ``y = 2 b`` (``[[a, b], [b, c]]`` the covariance) and
@@ -109,7 +108,7 @@ def region_gaussians(shift: Tensor, covar: Tensor, h: int, w: int) -> Tensor:
         shift: region centres ``b k 2``.
         covar: region covariances ``b k 2 2`` (floored by ``_MIN_EIGENVALUE``).
     """
-    z = identity_grid(1, h, w, shift.device, shift.dtype)[0]  # 2 h w
+    z = identity_grid(h, w, shift.device, shift.dtype)[0]  # 2 h w
     d = z[None, None] - shift[..., None, None]  # b k 2 h w
     a = covar[..., 0, 0] + _MIN_EIGENVALUE
     c = covar[..., 1, 1] + _MIN_EIGENVALUE
@@ -156,7 +155,7 @@ class RegionPredictor(nn.Module):
         # coordinates, and covariances of ~1e-3 lose their meaning in bf16
         with torch.autocast(device_type=x.device.type, enabled=False):
             heat = F.softmax(logits.float().flatten(2) / self.temperature, dim=-1).view(b, k, h, w)
-            z = identity_grid(1, h, w, x.device, torch.float32)[0]  # 2 h w
+            z = identity_grid(h, w, x.device, torch.float32)[0]  # 2 h w
             shift = torch.einsum("bkhw,chw->bkc", heat, z)
             d = z[None, None] - shift[..., None, None]  # b k 2 h w
             covar = torch.einsum("bkhw,bkihw,bkjhw->bkij", heat, d, d)
@@ -222,7 +221,7 @@ def lucas_kanade_affine(src: Tensor, dri: Tensor, iterations: int = LK_ITERATION
         b, _, h, w = src.shape
         eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=src.device)
         affine = eye.expand(b, 2, 3).clone()
-        z = identity_grid(1, h, w, src.device, torch.float32)[0]
+        z = identity_grid(h, w, src.device, torch.float32)[0]
         if h < 3 or w < 3:
             return affine
         xs, ys = z[0, 1:-1, 1:-1], z[1, 1:-1, 1:-1]
@@ -275,8 +274,9 @@ class PixelwiseFlowPredictor(nn.Module):
     adds a dense residual flow (a zero-initialised 7 x 7 conv) to the mixture
     of sparse motions. The sparse motions give the large displacements; the
     residual corrects what ``k`` affine regions cannot express and learns
-    sooner, because its gradient comes straight from the photometric error. MICROSCOPE never drives one identity with another's
-    regions, so seeing the driving frame costs nothing at inference.
+    sooner, because its gradient comes straight from the photometric error.
+    MICROSCOPE never drives one identity with another's regions, so seeing
+    the driving frame costs nothing at inference.
     """
 
     def __init__(self, in_channels: int, num_regions: int, block_expansion: int,
@@ -300,7 +300,7 @@ class PixelwiseFlowPredictor(nn.Module):
     def sparse_motions(src: dict[str, Tensor], dri: dict[str, Tensor], bg: Tensor | None,
                        h: int, w: int) -> Tensor:
         """Sparse sampling grids ``b (k+1) 2 h w`` (regions first, background last)."""
-        z = identity_grid(1, h, w, bg.device if bg is not None else src["shift"].device,
+        z = identity_grid(h, w, bg.device if bg is not None else src["shift"].device,
                           src["shift"].dtype)[0]  # 2 h w
         # A_src A_dri^{-1} = U_src diag(s_src / s_dri) U_dri^T  (no explicit inverse)
         rel = (src["u"] * (src["sqrt_eig"] / dri["sqrt_eig"])[..., None, :]) \

@@ -203,6 +203,8 @@ class PBNet(nn.Module):
         # zero head: the untrained model predicts "no motion", the mean delta
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # per-channel spread of the training motion: the network works in units of it
+        self.register_buffer("motion_std", torch.ones(motion_dim))
 
     def _check(self, audio: Tensor, motion: Tensor | None = None) -> None:
         if audio.ndim != 3 or audio.shape[-1] != self.audio_dim:
@@ -286,12 +288,12 @@ class PBNet(nn.Module):
             temperature: scale of the prior noise (0 gives the prior mean).
 
         Returns:
-            ``b n motion_dim`` deltas from frame 0.
+            ``b n motion_dim`` deltas from frame 0, in data units (times ``motion_std``).
         """
         self._check(audio)
         ref = audio[:, 0, :1]  # device and dtype reference
         z = self._noise((audio.shape[0], self.latent_dim), ref, generator) * temperature
-        return self.decode(audio, z)
+        return self.decode(audio, z) * self.motion_std
 
     @staticmethod
     def _noise(shape: tuple[int, ...] | torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:

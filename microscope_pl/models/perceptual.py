@@ -303,7 +303,7 @@ class EquivarianceLoss(nn.Module):
         """Random ``T: b n 2 -> b n 2`` (per batch element)."""
         theta = torch.eye(2, 3, device=like.device, dtype=like.dtype) \
             + self.sigma_affine * torch.randn(b, 2, 3, device=like.device, dtype=like.dtype)
-        ctrl = identity_grid(1, self.points_tps, self.points_tps, like.device, like.dtype)
+        ctrl = identity_grid(self.points_tps, self.points_tps, like.device, like.dtype)
         ctrl = ctrl.flatten(2).transpose(1, 2)[0]  # p 2
         wts = self.sigma_tps * torch.randn(b, ctrl.shape[0], 2, device=like.device, dtype=like.dtype)
 
@@ -318,7 +318,7 @@ class EquivarianceLoss(nn.Module):
     def forward(self, region_fn: Callable[[Tensor], Tensor], image: Tensor, shift: Tensor) -> Tensor:
         b, _, h, w = image.shape
         t = self._transform(b, image)
-        grid = t(identity_grid(b, h, w, image.device, image.dtype).flatten(2).transpose(1, 2))
+        grid = t(identity_grid(h, w, image.device, image.dtype).expand(b, -1, -1, -1).flatten(2).transpose(1, 2))
         warped = F.grid_sample(image, grid.view(b, h, w, 2), mode="bilinear",
                                padding_mode="reflection", align_corners=False)
         return (t(region_fn(warped)) - shift).abs().mean()

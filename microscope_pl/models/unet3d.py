@@ -47,15 +47,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from microscope_pl.models.attention import (
-    CrossAttention,
-    SpatialAttention,
-    TemporalAttention,
-    group_count,
-)
-from microscope_pl.models.lmae import Downsample  # stride-2 3x3 conv, per frame here: (b n) c h w
+from microscope_pl.models.attention import CrossAttention, SpatialAttention, TemporalAttention
+from microscope_pl.models.blocks import Downsample, SiLUResBlock, Upsample, group_count
 
-__all__ = ["ConditionEncoder", "ResBlock", "UNet3D", "timestep_embedding"]
+__all__ = ["ConditionEncoder", "SpaceTimeResBlock", "UNet3D", "timestep_embedding"]
 
 CondMode = Literal["cross_attn", "film"]
 
@@ -159,8 +154,8 @@ class ConditionEncoder(nn.Module):
 # --------------------------------------------------------------------------
 
 
-class ResBlock(nn.Module):
-    """ADM ResBlock with scale-shift time modulation and a temporal conv.
+class SpaceTimeResBlock(SiLUResBlock):
+    """ADM ResBlock with scale-shift time modulation, plus a temporal conv.
 
     ``(b n) cin h w -> (b n) cout h w``::
 
@@ -169,7 +164,9 @@ class ResBlock(nn.Module):
         h = skip(x) + conv3x3(dropout(SiLU(h)))  # zero-initialised conv
         h = h + tconv3(SiLU(GN(h)))              # kernel 3 along n, zero-init
 
-    ``emb`` is ``b 1 d`` (time) or ``b n d`` (time + per-frame FiLM).
+    The first three lines are :class:`~microscope_pl.models.blocks.SiLUResBlock`
+    run per frame; ``emb`` is ``b 1 d`` (time) or ``b n d`` (time + per-frame
+    FiLM) and is broadcast to the frames here.
     """
 
     def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float = 0.0,
@@ -181,16 +178,7 @@ class ResBlock(nn.Module):
             dropout: dropout before the second conv.
             temporal_conv: add the kernel-3 temporal conv (1 frame of reach).
         """
-        super().__init__()
-        self.norm1 = nn.GroupNorm(group_count(cin), cin, eps=1e-6)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * cout)
-        self.norm2 = nn.GroupNorm(group_count(cout), cout, eps=1e-6)
-        self.drop = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        super().__init__(cin, cout, groups=None, dropout=dropout, emb_dim=emb_dim)
         self.tconv: nn.Conv3d | None = None
         if temporal_conv:
             self.tnorm = nn.GroupNorm(group_count(cout), cout, eps=1e-6)
@@ -200,36 +188,23 @@ class ResBlock(nn.Module):
             nn.init.zeros_(self.tconv.weight)
             nn.init.zeros_(self.tconv.bias)
 
-    def forward(self, x: Tensor, ctx: _FrameContext) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+    def forward(self, x: Tensor, ctx: _FrameContext) -> Tensor:  # type: ignore[override]
+        assert self.emb is not None
         ss = self.emb(F.silu(ctx.emb))  # b n' 2c
         ss = ss.expand(ctx.b, ctx.n, ss.shape[-1]).reshape(ctx.b * ctx.n, -1, 1, 1)
-        scale, shift = ss.chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.skip(x) + self.conv2(self.drop(F.silu(h)))
+        h = super().forward(x, ss)
         if self.tconv is not None:
             t = rearrange(F.silu(self.tnorm(h)), "(b n) c h w -> b c n h w", b=ctx.b)
             h = h + rearrange(self.tconv(t), "b c n h w -> (b n) c h w")
         return h
 
 
-class Upsample(nn.Module):
-    """Nearest resize to the skip's exact size + 3x3 conv (odd sizes round-trip)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
-        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
-
-
 class _Stage(nn.ModuleList):
-    """ResBlock followed by its attention layers; routes each its inputs."""
+    """SpaceTimeResBlock followed by its attention layers; routes each its inputs."""
 
     def forward(self, x: Tensor, ctx: _FrameContext) -> Tensor:  # type: ignore[override]
         for layer in self:
-            if isinstance(layer, ResBlock):
+            if isinstance(layer, SpaceTimeResBlock):
                 x = layer(x, ctx)
             elif isinstance(layer, SpatialAttention):
                 x = layer(x)
@@ -336,7 +311,7 @@ class UNet3D(nn.Module):
                 nn.SiLU(), nn.Linear(self.cond.num_tokens * cond_dim, emb_dim))
 
         def stage(cin: int, cout: int, spatial: bool) -> _Stage:
-            layers: list[nn.Module] = [ResBlock(cin, cout, emb_dim, dropout, temporal_conv)]
+            layers: list[nn.Module] = [SpaceTimeResBlock(cin, cout, emb_dim, dropout, temporal_conv)]
             if spatial:
                 layers.append(SpatialAttention(cout, num_heads))
             if cond_mode == "cross_attn":
@@ -359,7 +334,7 @@ class UNet3D(nn.Module):
                 skip_ch.append(ch)
 
         self.mid = _Stage([*stage(ch, ch, True),
-                           ResBlock(ch, ch, emb_dim, dropout, temporal_conv)])
+                           SpaceTimeResBlock(ch, ch, emb_dim, dropout, temporal_conv)])
 
         self.up = nn.ModuleList()
         for lvl in reversed(range(len(channel_mult))):
@@ -392,7 +367,7 @@ class UNet3D(nn.Module):
         for m in self.modules():
             if isinstance(m, TemporalAttention):
                 total += m.window or 0
-            elif isinstance(m, ResBlock) and m.tconv is not None:
+            elif isinstance(m, SpaceTimeResBlock) and m.tconv is not None:
                 total += 1
         return total
 

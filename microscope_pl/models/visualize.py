@@ -27,7 +27,7 @@ def flow_to_color(grid: Tensor, max_magnitude: float | None = None) -> Tensor:
     if grid.dim() != 4 or grid.shape[1] != 2:
         raise ValueError(f"grid must be b 2 h w, got {tuple(grid.shape)}")
     b, _, h, w = grid.shape
-    disp = grid.float() - identity_grid(b, h, w, grid.device)
+    disp = grid.float() - identity_grid(h, w, grid.device)
     mag = disp.norm(dim=1)  # b h w
     scale = (mag.flatten(1).amax(1).view(b, 1, 1) if max_magnitude is None
              else torch.full((b, 1, 1), float(max_magnitude), device=grid.device))

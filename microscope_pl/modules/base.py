@@ -1,5 +1,5 @@
-"""What every phase's LightningModule shares: the phase tag in checkpoints,
-an optimizer over trainable parameters only, and image-quality metrics."""
+"""What every phase's LightningModule shares: the checkpoint record, an
+optimizer over trainable parameters only, and image-quality metrics."""
 from __future__ import annotations
 
 import math
@@ -8,18 +8,27 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from microscope_pl.phases import count_parameters
+from microscope_pl.metrics.image import image_quality
+from microscope_pl.models.config import to_dict
+from microscope_pl.modules.settings import OptimizerConfig
+from microscope_pl.phases import FORMAT, count_parameters
 
 # Frozen upstream networks are in eval mode on purpose (phases.load_frozen).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class PhaseModule(LightningModule):
-    """Base class; subclasses set `phase` and call `save_hyperparameters()`."""
+    """Base class; subclasses set `phase`, call `save_hyperparameters()` once, set
+    `self.optim` (an OptimizerConfig) and describe their networks in `network_configs`."""
 
     phase: str = ""
+    optim: OptimizerConfig
+    upstream_record: dict[str, Any] | None = None  # phases.Upstream.record of a downstream phase
+
+    def network_configs(self) -> dict[str, Any]:
+        """The settings of every network whose weights this module holds, by name."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------ steps
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -37,33 +46,32 @@ class PhaseModule(LightningModule):
         self._step(batch, "test")
 
     # ------------------------------------------------------------ checkpoints
+    def checkpoint_record(self) -> dict[str, Any]:
+        """`checkpoint["microscope"]`: what downstream phases and generation build from (phases.py)."""
+        return {"format": FORMAT, "image_size": self.hparams.get("image_size"),
+                "audio_features": self.hparams.get("audio_features"),
+                "networks": to_dict(self.network_configs()), "upstream": self.upstream_record}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["microscope_phase"] = self.phase
+        checkpoint["microscope"] = to_dict(self.checkpoint_record())
+        # dataclass settings as plain dicts: the file stays loadable with weights_only=True
+        hparams = to_dict(dict(checkpoint.get("hyper_parameters", {})))
+        if self.upstream_record is not None:  # restoring this checkpoint builds the frozen upstream from it
+            hparams["upstream"] = to_dict(self.upstream_record)
+        checkpoint["hyper_parameters"] = hparams
 
     # -------------------------------------------------------------- optimizer
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        params = self.trainable_parameters()
-        optimizer = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        if hp.scheduler == "constant":
+        optimizer = self.optim.build(self.trainable_parameters())
+        if self.optim.scheduler == "constant":
             return optimizer
-        if hp.scheduler != "cosine":
-            raise ValueError(f"scheduler must be 'constant' or 'cosine', got {hp.scheduler!r}")
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1
-        warmup = min(hp.warmup_steps, total // 2)
-
-        def factor(step: int) -> float:  # linear warm-up, cosine decay to 10 %
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-        if not math.isfinite(total) or total > 10**9:  # max_time only: no horizon to decay over
-            factor = lambda step: min(1.0, (step + 1) / max(1, warmup))  # noqa: E731
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        total = self.trainer.estimated_stepping_batches if self._trainer else 1
+        total = int(total) if math.isfinite(total) else 10**10
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.cosine_factor(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_fit_start(self) -> None:
@@ -91,17 +99,8 @@ class PhaseModule(LightningModule):
 
     # ---------------------------------------------------------------- metrics
     def image_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """PSNR, SSIM (and LPIPS when its backbone is available) of b 3 h w images in [0, 1]."""
-        pred = pred.float().clamp(0, 1)
-        target = target.float()
-        out = {
-            "psnr": peak_signal_noise_ratio(pred, target, data_range=1.0, dim=(1, 2, 3)),
-            "ssim": structural_similarity_index_measure(pred, target, data_range=1.0),
-        }
-        lpips = self._lpips_net()
-        if lpips is not None:
-            out["lpips"] = lpips(pred, target).mean()
-        return out
+        """Mean PSNR, SSIM (and LPIPS when its backbone is available) of b 3 h w images in [0, 1]."""
+        return {k: v.mean() for k, v in image_quality(pred, target, self._lpips_net()).items()}
 
     def _lpips_net(self) -> Any:
         """LPIPS per `hparams.lpips`: "auto" (pretrained backbone if on disk,

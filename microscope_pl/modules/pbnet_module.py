@@ -1,10 +1,14 @@
 """PBNet: pose (6) and blink (2) sequences from audio, a transformer CVAE."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 
-from microscope_pl.models.pbnet import PBNet, pbnet_loss
+from microscope_pl.models.config import PBNetConfig, from_dict
+from microscope_pl.models.pbnet import pbnet_loss
 from microscope_pl.modules.base import PhaseModule
+from microscope_pl.modules.settings import OptimizerConfig
 
 
 class PBNetModule(PhaseModule):
@@ -15,43 +19,29 @@ class PBNetModule(PhaseModule):
 
     def __init__(
         self,
-        audio_dim: int = 80,
         audio_features: str = "logmel",
-        d_model: int = 128,
-        num_heads: int = 4,
-        num_layers: int = 2,
-        latent_dim: int = 64,
-        dropout: float = 0.1,
+        network: Optional[PBNetConfig] = None,
         kl_weight: float = 1e-3,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        scheduler: str = "constant",
-        warmup_steps: int = 50,
+        optimizer: Optional[OptimizerConfig] = None,
     ) -> None:
         """
         Args:
-            audio_dim: per-frame audio feature width (80 log-mel, 1024 HuBERT).
             audio_features: the data set's audio features ("logmel" or "hubert:<id or dir>"),
                 checked at fit start and used by `microscope generate`.
-            d_model: transformer width.
-            num_heads: attention heads.
-            num_layers: encoder and decoder layers.
-            latent_dim: width of the sequence-level latent.
-            dropout: transformer dropout.
+            network: PBNet settings (null: 80-d audio, width 128, two layers).
             kl_weight: weight of the KL term of the CVAE.
-            lr: Adam learning rate.
-            betas: Adam betas.
-            weight_decay: Adam weight decay.
-            scheduler: "cosine" or "constant".
-            warmup_steps: linear warm-up steps.
+            optimizer: Adam settings (null: lr 1e-3, constant).
         """
         super().__init__()
+        network = from_dict(PBNetConfig, network)
+        optimizer = from_dict(OptimizerConfig, optimizer or {"lr": 1e-3, "warmup_steps": 50})
         self.save_hyperparameters()
-        self.net = PBNet(audio_dim=audio_dim, motion_dim=8, d_model=d_model, num_heads=num_heads,
-                         num_layers=num_layers, latent_dim=latent_dim, dropout=dropout)
-        self.register_buffer("motion_std", torch.ones(8))
+        self.network, self.optim = network, optimizer
+        self.net = network.build()
         self.register_buffer("calibrated", torch.tensor(False))
+
+    def network_configs(self) -> dict[str, Any]:
+        return {"pbnet": self.network}
 
     def _motion(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """`b n 8` deltas from the clip's first frame, scaled to unit spread."""
@@ -61,9 +51,9 @@ class PBNetModule(PhaseModule):
             std = motion.flatten(0, 1).std(dim=0).clamp_min(1e-3)
             if self._trainer is not None:
                 std = self.trainer.strategy.reduce(std, reduce_op="mean")
-            self.motion_std.copy_(std)
+            self.net.motion_std.copy_(std)
             self.calibrated.fill_(True)
-        return motion / self.motion_std
+        return motion / self.net.motion_std
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         target = self._motion(batch)
@@ -77,5 +67,5 @@ class PBNetModule(PhaseModule):
     def sample(self, audio: torch.Tensor, generator: torch.Generator | None = None,
                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Pose `b n 6` and blink `b n 2` deltas from the first frame for audio `b n d`."""
-        motion = self.net.sample(audio, generator=generator, temperature=temperature) * self.motion_std
+        motion = self.net.sample(audio, generator=generator, temperature=temperature)
         return motion[..., :6], motion[..., 6:]
