@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from microscope_pl.data.audio import load_audio, read_wav
+from microscope_pl.data.audio import load_audio, read_wav, speech_level_dbfs
 from microscope_pl.data.prepare import FaceTools, eye_aspect_ratio, prepare, split_names
 from microscope_pl.data.video_io import video_info
 
@@ -54,6 +54,10 @@ def raw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (raw / "truncated.mp4").write_bytes(data[: len(data) // 3])  # moov atom is at the end: cut off
     full.unlink()
     (raw / "notes.mp4").write_text("this is a text file, not a video\n")
+    # A test pattern with a tone: sound but no face.
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=25:d=2",
+                    "-f", "lavfi", "-i", "sine=frequency=330:sample_rate=44100:duration=2", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", str(raw / "pattern.mp4")], check=True)
     return raw
 
 
@@ -69,8 +73,9 @@ def test_prepare_good_and_bad_videos(raw_dir: Path, tmp_path: Path) -> None:
     report = prepare(raw_dir, out, size=64, verbose=False)
     assert report["processed"] == ["good"]
     reasons = {Path(s["file"]).name: s["reason"] for s in report["skipped"]}
-    assert set(reasons) == {"silent.mp4", "truncated.mp4", "notes.mp4"}
+    assert set(reasons) == {"silent.mp4", "truncated.mp4", "notes.mp4", "pattern.mp4"}
     assert "no audio" in reasons["silent.mp4"]
+    assert reasons["pattern.mp4"].startswith("no face: found in 0 of 50 frames"), reasons["pattern.mp4"]
     assert all(r and "\n" not in r for r in reasons.values())
     assert json.loads((out / "report.json").read_text())["skipped"] == report["skipped"]
 
@@ -97,12 +102,30 @@ def test_prepare_good_and_bad_videos(raw_dir: Path, tmp_path: Path) -> None:
     assert manifest["pose_source"] == meta["pose_source"]
     if meta["pose_source"] == "landmarks":
         assert np.abs(pose[:, :3]).max() < 45 and 0.1 < float(np.median(blink)) < 0.5
+        points, boxes = np.load(folder / "landmarks.npy"), np.load(folder / "mouth_boxes.npy")
+        assert points.shape == (meta["frames"], 68, 2) and boxes.shape == (meta["frames"], 4)
+        lips = points[:, 48:68]
+        assert np.all(boxes[:, :2] <= lips.min(axis=1)) and np.all(boxes[:, 2:] >= lips.max(axis=1))
+        x0, y0, x1, y1 = meta["mouth_box"]
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and len(meta["mouth_open"]) == meta["frames"]
+        assert manifest["landmarks"] == meta["landmarks"] == "dlib68"
     else:
         assert np.all(pose[:, :3] == 0) and np.all(blink == 0)
+        assert meta["mouth_box"] is None and not (folder / "landmarks.npy").exists()
+    assert meta["framing"]["detector"] in ("dlib", "haar") and meta["framing"]["scale"] == 2.2
+    assert manifest["framing"]["detector"] == meta["framing"]["detector"] and len(meta["crop"]) == 3
+    wave_level = speech_level_dbfs(wave)
+    assert wave_level == pytest.approx(manifest["loudness"]["target_dbfs"], abs=0.3)
 
     # Resumable: a second run keeps the prepared video and skips the bad ones again.
     again = prepare(raw_dir, out, size=64, verbose=False)
     assert again["existing"] == ["good"] and again["processed"] == []
+    # A clip prepared by an older version (no landmarks, no mouth box) is prepared again.
+    (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "prepare_version"}))
+    redo = prepare(raw_dir, out, size=64, verbose=False)
+    assert redo["processed"] == ["good"] and "prepare_version" in json.loads((folder / "meta.json").read_text())
+    with pytest.raises(ValueError, match="crop_scale"):
+        prepare(raw_dir, out, size=64, crop_scale=1.8, verbose=False)
     with pytest.raises(ValueError, match="size"):
         prepare(raw_dir, out, size=128, verbose=False)
 

@@ -213,6 +213,76 @@ def loudness_envelope(wave: np.ndarray, num_frames: int, fps: float = FPS, sampl
     return np.clip((db - floor_db) / -floor_db, 0.0, 1.0).astype(np.float32)
 
 
+# ---------------------------------------------------------------- level and loudness normalisation
+
+SILENCE_DBFS = -50.0
+"""``prepare`` skips a track whose whole-track RMS (decoded 16 kHz mono) is below this.
+
+Measured on the shared real clips: speech tracks are at -8.8 to -22.1 dBFS,
+the near-silent clip_d9 at -60.2 dBFS (a flat noise floor, no speech): a
+quiet but real recording stays well above -50 dBFS.
+"""
+LOUDNESS_TARGET_DBFS = -23.0
+"""Gated speech level (:func:`speech_level_dbfs`) every prepared track is brought to."""
+PEAK_CEILING_DBFS = -1.0
+""":func:`normalize_loudness` never raises a sample above this (it lowers the gain instead)."""
+
+
+def rms_dbfs(wave: np.ndarray) -> float:
+    """Whole-track RMS level in dBFS (-inf for digital silence or an empty wave)."""
+    wave = np.asarray(wave, dtype=np.float64)
+    rms = float(np.sqrt(np.mean(np.square(wave)))) if wave.size else 0.0
+    return 20.0 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def speech_level_dbfs(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, block_s: float = 0.4,
+                      absolute_gate_dbfs: float = -70.0, relative_gate_db: float = -10.0) -> float:
+    """Gated RMS level of speech in dBFS, -inf when nothing passes the gates.
+
+    The gating of ITU-R BS.1770 / EBU R128 integrated loudness without its
+    K-weighting filter: mean square power over 400 ms blocks with 75 % overlap,
+    blocks quieter than ``absolute_gate_dbfs`` dropped, then blocks more than
+    ``-relative_gate_db`` dB below the mean of the rest dropped; the level is
+    the mean power of what is left. Pauses between words so do not pull the
+    level of a sparse talker down. A wave shorter than one block is one block.
+    """
+    x = np.asarray(wave, dtype=np.float64).ravel()
+    block = max(1, int(round(block_s * sample_rate)))
+    hop = max(1, block // 4)
+    if x.size <= block:
+        powers = np.array([np.mean(x**2)]) if x.size else np.zeros(0)
+    else:
+        sq = np.concatenate([[0.0], np.cumsum(x**2)])
+        starts = np.arange(0, x.size - block + 1, hop)
+        powers = (sq[starts + block] - sq[starts]) / block
+    powers = powers[powers > 10.0 ** (absolute_gate_dbfs / 10.0)]
+    if powers.size == 0:
+        return -math.inf
+    powers = powers[powers >= powers.mean() * 10.0 ** (relative_gate_db / 10.0)]
+    return float(10.0 * math.log10(powers.mean()))
+
+
+def normalize_loudness(wave: np.ndarray, target_dbfs: float = LOUDNESS_TARGET_DBFS,
+                       sample_rate: int = SAMPLE_RATE, peak_dbfs: float = PEAK_CEILING_DBFS) -> np.ndarray:
+    """One gain bringing :func:`speech_level_dbfs` of ``wave`` to ``target_dbfs`` -> float32 ``[samples]``.
+
+    The gain is lowered where it would lift a sample above ``peak_dbfs`` (no
+    clipping, no limiter: such a track ends up quieter than the target). A
+    wave with nothing above the absolute gate (silence) is returned unchanged.
+    Apply the same at generation so the model hears speech at the level it
+    was trained on.
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    level = speech_level_dbfs(wave, sample_rate)
+    if math.isinf(level):
+        return wave.copy()
+    gain_db = target_dbfs - level
+    peak = float(np.abs(wave).max())
+    if peak > 0:
+        gain_db = min(gain_db, peak_dbfs - 20.0 * math.log10(peak))
+    return (wave * np.float32(10.0 ** (gain_db / 20.0))).astype(np.float32)
+
+
 # ---------------------------------------------------------------- extractor
 
 
@@ -273,16 +343,25 @@ class AudioFeatureExtractor:
         stride = int(np.prod(self._model.config.conv_stride))
         return self.sample_rate / stride
 
+    def _receptive_field(self) -> int:
+        """Samples one output frame of the conv feature encoder sees (400 for hubert-base/large)."""
+        field, jump = 1, 1
+        for kernel, stride in zip(self._model.config.conv_kernel, self._model.config.conv_stride):
+            field += (int(kernel) - 1) * jump
+            jump *= int(stride)
+        return field
+
     @torch.no_grad()
     def _hubert(self, wave: np.ndarray) -> np.ndarray:
         """Last hidden state of HuBERT over ``wave`` -> float32 ``[K, dim]`` at ``_hubert_rate()`` Hz."""
         chunk = max(int(self.chunk_seconds * self.sample_rate), self.sample_rate)
         stride = int(np.prod(self._model.config.conv_stride))
+        shortest = max(2 * stride, self._receptive_field())
         outs = []
         for start in range(0, wave.size, chunk):
             piece = wave[start:start + chunk]
-            if piece.size < 2 * stride:  # too short for the conv stack: pad with silence
-                piece = np.pad(piece, (0, 2 * stride - piece.size))
+            if piece.size < shortest:  # too short for the conv stack: pad with silence
+                piece = np.pad(piece, (0, shortest - piece.size))
             inputs = self._processor(piece, sampling_rate=self.sample_rate, return_tensors="pt")
             values = inputs["input_values"].to(self.device, torch.float32)
             hidden = self._model(values).last_hidden_state[0]
@@ -301,5 +380,6 @@ class AudioFeatureExtractor:
             return logmel_features(wave, num_frames, fps, self.sample_rate)
         feats = self._hubert(wave)
         rate = self._hubert_rate()
-        # Conv receptive field (400 samples at 16 kHz): frame k is centred near k/rate + half a window.
-        return resample_to_frames(feats, num_frames, rate, fps, offset_s=200.0 / self.sample_rate)
+        # Feature k covers samples [k * stride, k * stride + receptive field): centred half a field in.
+        offset_s = 0.5 * self._receptive_field() / self.sample_rate
+        return resample_to_frames(feats, num_frames, rate, fps, offset_s=offset_s)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+# data.audio's SILENCE_DBFS and LOUDNESS_TARGET_DBFS, written out so `microscope --help` does not import torch.
+SILENCE_DBFS, LOUDNESS_TARGET_DBFS = -50.0, -23.0
+
 
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
@@ -44,18 +47,23 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare a folder of real videos and print a summary."""
+    import time
+
     from microscope_pl.data.prepare import prepare
 
+    start = time.perf_counter()
     try:
         report = prepare(args.src, args.out_dir, size=args.size, audio_features=args.audio_features,
                          face_crop=args.face_crop, landmarks=args.landmarks, test_fraction=args.test_fraction,
-                         min_seconds=args.min_seconds, verbose=not args.quiet)
+                         min_seconds=args.min_seconds, crop_scale=args.crop_scale,
+                         silence_dbfs=args.silence_dbfs, loudness_target=args.loudness_target,
+                         max_seconds=args.max_seconds, verbose=not args.quiet)
     except (ValueError, RuntimeError, OSError) as exc:
         return _fail(_first_line(exc))
     print(f"prepared {len(report['processed'])} new, kept {len(report['existing'])}, "
           f"skipped {len(report['skipped'])} (reasons in {args.out_dir}/report.json); "
           f"split {report['train']} train / {report['test']} test; pose: {report['pose_source']}, "
-          f"blink: {report['blink_source']}")
+          f"blink: {report['blink_source']}; {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -93,6 +101,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                       help="pose/blink from dlib 68 landmarks when installed (extra 'prepare')")
     prep.add_argument("--test-fraction", type=float, default=0.1, help="share of videos held out")
     prep.add_argument("--min-seconds", type=float, default=1.0, help="skip shorter videos")
+    prep.add_argument("--max-seconds", type=float, default=None, help="keep only the first seconds of each video")
+    prep.add_argument("--crop-scale", type=float, default=2.2, help="crop side over the detected face box side")
+    prep.add_argument("--silence-dbfs", type=float, default=SILENCE_DBFS,
+                      help="skip videos whose audio RMS (16 kHz mono) is below this level")
+    prep.add_argument("--loudness-target", type=float, default=LOUDNESS_TARGET_DBFS,
+                      help="gated speech level (dBFS) every stored track is normalised to")
     prep.add_argument("--quiet", action="store_true", help="print only the summary")
     prep.set_defaults(func=run_prepare)
     return data
