@@ -70,16 +70,22 @@ def find_checkpoint(phase: str, explicit: str | None = None) -> Path:
     )
 
 
+def read_phase_checkpoint(path: str | os.PathLike, phase: str, map_location: str = "cpu") -> dict[str, Any]:
+    """`read_checkpoint`, refusing a checkpoint of another phase in one line."""
+    ckpt = read_checkpoint(path, map_location)
+    found = ckpt.get("microscope_phase")
+    if found != phase:
+        raise CheckpointError(f"{path} is a {found or 'foreign'!s} checkpoint, expected a {phase} checkpoint")
+    return ckpt
+
+
 def load_upstream(phase: str, explicit: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Find and read the checkpoint of `phase`; refuse one of another phase.
 
     Returns the checkpoint dict and `{"path", "sha256"}` to record downstream.
     """
     path = find_checkpoint(phase, explicit)
-    ckpt = read_checkpoint(path)
-    found = ckpt.get("microscope_phase")
-    if found != phase:
-        raise CheckpointError(f"{path} is a {found or 'foreign'!s} checkpoint, expected a {phase} checkpoint")
+    ckpt = read_phase_checkpoint(path, phase)
     return ckpt, {"path": str(path), "sha256": file_sha256(path)}
 
 
@@ -229,10 +235,7 @@ def load_module(path: str | os.PathLike, phase: str, map_location: str = "cpu") 
     (weights_only load; upstream weights travel inside it), in eval mode."""
     import importlib
 
-    ckpt = read_checkpoint(path, map_location)
-    found = ckpt.get("microscope_phase")
-    if found != phase:
-        raise CheckpointError(f"{path} is a {found or 'foreign'!s} checkpoint, expected a {phase} checkpoint")
+    ckpt = read_phase_checkpoint(path, phase, map_location)
     checkpoint_record(ckpt, path)
     module_path, cls_name = PHASE_MODULES[phase].rsplit(".", 1)
     cls = getattr(importlib.import_module(module_path), cls_name)

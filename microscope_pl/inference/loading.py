@@ -13,18 +13,16 @@ from typing import Any
 
 from torch import nn
 
-from microscope_pl.checkpointing import CheckpointError, read_checkpoint
+from microscope_pl.checkpointing import CheckpointError
 from microscope_pl.diffusion.pipeline import TalkingHeadPipeline
 from microscope_pl.models.config import DenoiserConfig, SamplingConfig, ScheduleConfig, from_dict
 from microscope_pl.models.mdcf import DynamicsCodec
-from microscope_pl.phases import build_network, checkpoint_record, find_checkpoint, load_weights, sub_state_dict
+from microscope_pl.phases import (build_network, checkpoint_record, find_checkpoint, load_weights,
+                                  read_phase_checkpoint, sub_state_dict)
 
 
 def _read(path: str | os.PathLike, phase: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    ckpt = read_checkpoint(path)
-    found = ckpt.get("microscope_phase")
-    if found != phase:
-        raise CheckpointError(f"{path} is a {found or 'foreign'!s} checkpoint, expected a {phase} checkpoint")
+    ckpt = read_phase_checkpoint(path, phase)
     return ckpt, checkpoint_record(ckpt, path)
 
 
