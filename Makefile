@@ -28,6 +28,7 @@ help:
 	@echo "  generate   portrait + speech -> mp4 (IMAGE=... AUDIO=... OUT=...)"
 	@echo "  bench      generation memory/time benchmark, MDCF vs DAWN-style latent"
 	@echo "  ablations  the paper's Tables 2 and 5 at small scale -> reports/ablations.md"
+	@echo "  clean      delete logs/, outputs/ and checkpoints/ (asks first; FORCE=1 does not)"
 
 install:
 	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
@@ -72,7 +73,7 @@ IMAGE ?= astronaut
 AUDIO ?=
 OUT ?= outputs/generated.mp4
 generate:
-	$(MICROSCOPE) generate --ckpt-path checkpoints/diffusion/last.ckpt --image $(IMAGE) $(if $(AUDIO),--audio $(AUDIO)) --out $(OUT) $(ARGS)
+	$(MICROSCOPE) generate --ckpt-path checkpoints/synth/diffusion/last.ckpt --image $(IMAGE) $(if $(AUDIO),--audio $(AUDIO)) --out $(OUT) $(ARGS)
 
 demo:
 	$(PY) -m microscope_pl.demo $(ARGS)
@@ -84,4 +85,7 @@ ablations:
 	$(PY) -m microscope_pl.ablations $(ARGS)
 
 clean:
+	@if [ -n "$$(find checkpoints -name '*.ckpt' 2>/dev/null | head -1)" ] && [ "$(FORCE)" != 1 ]; then \
+	  printf 'delete every trained checkpoint under checkpoints/? [y/N] '; read answer || answer=; \
+	  [ "$$answer" = y ] || { echo "kept them (make clean FORCE=1 deletes without asking)"; exit 1; }; fi
 	rm -rf logs outputs lightning_logs checkpoints/*/

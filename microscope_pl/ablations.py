@@ -1,5 +1,6 @@
 """`python -m microscope_pl.ablations` (`make ablations`): the paper's Tables 2
-and 5 and Figure 4b at small scale on the embedded synthetic data set.
+and 5 and Figure 4b at small scale on the embedded synthetic data set (or any
+prepared one, `--data`, in its own `--workdir`).
 
 Trains the seven compression variants (FDE d/4 and d/8, pixel VAE d/32, MDCF
 d/16 and d/32, MDCF w/o IGC, MDCF w/o TPC) with one wall-clock budget each
@@ -170,6 +171,7 @@ class Plan:
     smoke: bool = False
     skip_training: bool = False
     trainer_config: str | None = None
+    overlays: Path | None = None  # a folder of per-phase overlays (e.g. configs/real), added to each base
     command: str = ""
 
     def minutes(self, v: Variant) -> float:
@@ -205,8 +207,10 @@ def select_variants(only: list[str] | None, workdir: Path) -> list[Variant]:
 
 def fit_command(v: Variant, plan: Plan) -> list[str]:
     """The `microscope fit` command line of a variant."""
-    cmd = [sys.executable, "-m", "microscope_pl", "fit", "--config", str(CONFIGS / v.base),
-           "--config", str(CONFIGS / "ablations" / f"{v.name}.yaml")]
+    cmd = [sys.executable, "-m", "microscope_pl", "fit", "--config", str(CONFIGS / v.base)]
+    if plan.overlays is not None and (plan.overlays / Path(v.base).name).is_file():
+        cmd += ["--config", str(plan.overlays / Path(v.base).name)]
+    cmd += ["--config", str(CONFIGS / "ablations" / f"{v.name}.yaml")]
     if plan.trainer_config:
         cmd += ["--config", plan.trainer_config]
     cmd += ["--data.init_args.data_root", str(plan.data), "--trainer.max_time", max_time(plan.minutes(v))]
@@ -231,6 +235,10 @@ def train_all(plan: Plan) -> dict[str, Row]:
             print(f"[{v.name}] {folder / 'last.ckpt'} exists: not retrained", flush=True)
             sidecar = folder / RUN_FILE  # the budget it was trained with, when this runner trained it
             earlier = json.loads(sidecar.read_text()) if sidecar.is_file() else {"budget_minutes": None}
+            trained_on = earlier.get("data")
+            if trained_on and Path(trained_on).resolve() != plan.data.resolve():
+                raise ValueError(f"{folder} was trained on {trained_on}, not {plan.data}; "
+                                 "use another --workdir for another data set")
             records[v.name] = {**earlier, "status": "ok", "trained": "earlier run"}
             continue
         if plan.skip_training:
@@ -249,7 +257,8 @@ def train_all(plan: Plan) -> dict[str, Row]:
         with open(log, "w", encoding="utf-8") as handle:
             code = subprocess.call(cmd, cwd=plan.workdir, stdout=handle, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
-        run = {"budget_minutes": plan.minutes(v), "train_seconds": round(seconds, 1), "command": shown}
+        run = {"budget_minutes": plan.minutes(v), "train_seconds": round(seconds, 1), "command": shown,
+               "data": str(plan.data)}
         records[v.name] = {"status": "ok" if code == 0 else f"training failed (exit {code}, log {log})",
                            "trained": "this run", **run}
         if code != 0:
@@ -485,8 +494,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Ours: PSNR/SSIM/LPIPS per frame, FID over pooled frames, FS error = |FS(reconstruction) - FS(real)| "
         "per clip. Compression = pixels x 3 / elements of the compressed representation, from tensor shapes. "
         "The right-hand columns are the paper's own values (HDTF at 256x256; Tables 2 and 5), copied as "
-        "published; only FID is a shared metric, and ours is on the small synthetic set, so compare rankings, "
-        "not values.", "",
+        f"published; only FID is a shared metric, and ours is on the small {meta.get('data_kind', 'synthetic')} "
+        "set, so compare rankings, not values.", "",
         "| Variant | Paper table | Latent (c×h×w) | Compression (×) | PSNR ↑ | SSIM ↑ | LPIPS ↓ | FID ↓ "
         "| FS error ↓ | Budget (min) | Steps | " + " | ".join(f"Paper {c}" for c in PAPER_COLUMNS) + " |",
         "|" + "---|" * (11 + len(PAPER_COLUMNS)),
@@ -512,8 +521,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if name in rows:
             lines.append("| " + " | ".join([rows[name]["label"], *_cells(rows[name], GEN_CELLS)]) + " |")
     lines += ["", "## Notes", "",
-              "- Not computed: FVD (needs the StyleGAN-V I3D file) and LSE-C/D (needs SyncNet weights and real "
-              "lips); the synthetic faces' mouths are drawn, so LSE would not be meaningful on them.",
+              "- Not computed: FVD (needs the StyleGAN-V I3D file) and LSE-C/D (needs SyncNet weights"
+              + ("; the synthetic faces' mouths are drawn, so LSE would not be meaningful on them)."
+                 if meta.get("data_kind", "synthetic") == "synthetic" else ")."),
               "- FS uses OpenCV Farneback flow (a weight-free fallback; the paper does not name its estimator), "
               "so FS values are comparable between our rows, not with the paper's.",
               *(f"- {k.upper()} skipped: {reason}" for k, reason in report.get("skipped_metrics", {}).items()),
@@ -557,6 +567,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train and report only these (upstreams without a checkpoint are trained too)")
     p.add_argument("--skip-training", action="store_true", help="evaluate existing checkpoints only")
     p.add_argument("--trainer-config", help="extra config for every fit, e.g. configs/trainer/gpu.yaml")
+    p.add_argument("--overlays", metavar="DIR", help="per-phase overlays added to each variant's base config "
+                   "(e.g. configs/real with --data data/real128)")
     p.add_argument("--device", help="evaluation device (default: cuda when available, else cpu)")
     p.add_argument("--eval-frames", type=int, help="frames per test clip (default 25; --smoke 8)")
     p.add_argument("--eval-clips", type=int, help="reconstruction clips per test video (default 2; --smoke 1)")
@@ -582,6 +594,8 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     if args.budget_minutes <= 0 or args.diffusion_minutes <= 0:
         raise ValueError(f"budgets must be positive, got --budget-minutes {args.budget_minutes} and "
                          f"--diffusion-minutes {args.diffusion_minutes}")
+    if args.overlays and not Path(args.overlays).is_dir():
+        raise ValueError(f"--overlays {args.overlays} is not a folder")
     if args.workdir:
         workdir = Path(args.workdir).resolve()
     else:
@@ -594,6 +608,7 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     return Plan(workdir=workdir, data=data, out=out, variants=select_variants(args.only, workdir),
                 budget=args.budget_minutes, diffusion_budget=args.diffusion_minutes, smoke=args.smoke,
                 skip_training=args.skip_training, trainer_config=trainer,
+                overlays=Path(args.overlays).resolve() if args.overlays else None,
                 command=shlex.join(["python", "-m", "microscope_pl.ablations", *argv]))
 
 
@@ -620,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": plan.command, "machine": machine_description(device), "smoke": plan.smoke,
         "budget_minutes": plan.budget, "diffusion_budget_minutes": plan.diffusion_budget,
+        "data_kind": "synthetic" if manifest.get("source") == "synthetic" else "real-face",
         "data": f"{plan.data} ({manifest.get('source', '?')}, {len(manifest['train'])} train / "
                 f"{len(manifest['test'])} test videos, stored at {manifest.get('size')}px)",
         "eval": f"{settings.clips_per_video} clip(s) of {settings.frames} frames per test video for "

@@ -12,9 +12,10 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_RUN = "synth"  # phases.DEFAULT_RUN, written out so `microscope --help` does not import torch
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -39,6 +40,57 @@ def model_args_named(argv: Sequence[str]) -> list[str]:
     return keys
 
 
+def apply_run(config: Any) -> None:
+    """Fill the run folders into a parsed fit/test config (jsonargparse Namespace): the
+    ModelCheckpoint callbacks without a dirpath write to checkpoints/<run>/<phase>/, the
+    TensorBoard logger without a name to logs/<run>/<phase>/, and an upstream checkpoint
+    path left empty is looked for in checkpoints/<run>/<upstream phase>/."""
+    from microscope_pl.phases import checkpoint_dir, check_run_name, phase_of_module, upstream_argument
+
+    run = check_run_name(config.get("run") or DEFAULT_RUN)
+    model = config.get("model")
+    class_path = model.get("class_path") if model is not None else None
+    phase = phase_of_module(class_path) if class_path else None
+    if phase is None:
+        return
+    trainer = config.get("trainer")
+    for callback in (trainer.get("callbacks") or []) if trainer is not None else []:
+        if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and not callback.init_args.get("dirpath"):
+            callback.init_args.dirpath = str(checkpoint_dir(phase, run))
+    logger = trainer.get("logger") if trainer is not None else None
+    for item in logger if isinstance(logger, list) else [logger]:
+        if item is not None and hasattr(item, "init_args") and str(item.get("class_path", "")).endswith(
+                "TensorBoardLogger") and item.init_args.get("name") in (None, "lightning_logs"):
+            item.init_args.name = f"{run}/{phase}"
+    found = upstream_argument(class_path, model.get("init_args") or {})
+    if found is not None:
+        key, upstream = found
+        if not model.init_args.get(key) and not model.init_args.get("upstream"):
+            model.init_args[key] = str(checkpoint_dir(upstream, run))
+
+
+def refuse_other_settings(ckpt: dict[str, Any], path: Any, model: Any) -> None:
+    """Refuse, in one line, to resume a checkpoint whose network settings, image size or
+    audio features are not those of the configured `model`."""
+    from microscope_pl.checkpointing import CheckpointError
+    from microscope_pl.phases import checkpoint_record, first_difference, normalized_networks
+
+    ours = model.checkpoint_record() if hasattr(model, "checkpoint_record") else None
+    if ours is None:
+        return
+    if ckpt.get("microscope_phase") != getattr(model, "phase", None):
+        raise CheckpointError(f"{path} is a {ckpt.get('microscope_phase') or 'foreign'} checkpoint, "
+                              f"this config trains {model.phase}")
+    theirs = dict(checkpoint_record(ckpt, path))
+    theirs["networks"], ours = normalized_networks(theirs.get("networks")), dict(ours)
+    ours["networks"] = normalized_networks(ours.get("networks"))
+    for key in ("image_size", "audio_features", "networks"):
+        diff = first_difference(theirs.get(key), ours.get(key), key)
+        if diff:
+            raise CheckpointError(f"{path} was trained with other settings than this config ({diff}); "
+                                  "use another --run, or pass the checkpoint's settings")
+
+
 def _lightning_cli(argv: list[str] | None) -> int:
     """Run LightningCLI on `argv` (None: sys.argv, as the console script)."""
     from lightning.pytorch import LightningDataModule, LightningModule
@@ -47,11 +99,20 @@ def _lightning_cli(argv: list[str] | None) -> int:
     from microscope_pl.checkpointing import read_checkpoint
 
     class MicroscopeCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.add_argument("--run", type=str, default=DEFAULT_RUN,
+                                help="run name: checkpoints go to checkpoints/<run>/<phase>/, logs to "
+                                     "logs/<run>/<phase>/, and upstream phases are found in checkpoints/<run>/")
+
+        def before_instantiate_classes(self) -> None:
+            apply_run(self.config[self.subcommand])
+
         def before_fit(self) -> None:
-            """Resume from `<checkpoint dir>/last.ckpt` when no ckpt_path is given."""
+            """Resume from `<checkpoint dir>/last.ckpt` when no ckpt_path is given; either way the
+            checkpoint's settings must be the config's."""
             config = self.config_init[self.subcommand]
             if config.get("ckpt_path"):
-                read_checkpoint(config["ckpt_path"])
+                refuse_other_settings(read_checkpoint(config["ckpt_path"]), config["ckpt_path"], self.model)
                 return
             if self.trainer.fast_dev_run:
                 # Lightning 2.6 still writes save_last at train end under fast_dev_run; a
@@ -62,8 +123,8 @@ def _lightning_cli(argv: list[str] | None) -> int:
             dirpath = getattr(callback, "dirpath", None)
             if dirpath and not self.trainer.fast_dev_run:
                 last = Path(dirpath) / "last.ckpt"
-                if last.exists():
-                    read_checkpoint(last)  # a truncated file fails here with one line
+                if last.exists():  # a truncated file or other settings fail here with one line
+                    refuse_other_settings(read_checkpoint(last), last, self.model)
                     print(f"resuming from {last}", flush=True)
                     config["ckpt_path"] = str(last)
 
@@ -116,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", default="diffusion", help="last phase to run (phase1, phase2, pbnet, diffusion)")
     run.add_argument("--only", default=None, help="run just this phase")
     run.add_argument("--force", action="store_true", help="train a phase even if its last.ckpt exists")
+    run.add_argument("--overlays", default=None, metavar="DIR",
+                     help="folder of per-phase overlay configs added to the base ones (e.g. configs/real)")
+    run.add_argument("--run", dest="run_name", default=None,
+                     help="run name (checkpoints/<run>/<phase>/; default: the configs' run)")
     run.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to every `fit`, after --")
     run.set_defaults(func=_run_phases)
 
@@ -134,7 +199,8 @@ def _run_phases(args: argparse.Namespace) -> int:
     from microscope_pl.phases import run_phases
 
     extra = [a for a in args.extra if a != "--"]
-    return run_phases(args.until, extra, force=args.force, only=args.only)
+    return run_phases(args.until, extra, force=args.force, only=args.only, run=args.run_name,
+                      overlays=args.overlays)
 
 
 def _guard(fn: Callable[[], int]) -> int:

@@ -10,7 +10,7 @@ The default budgets sum to about 20 minutes including the data, so the whole
 demo fits in 25 minutes on 2 cores; `--quick` is a ~3-minute smoke version.
 Minutes of CPU training make blurry, barely moving faces: the demo shows the
 pipeline working end to end, not the paper's quality. Phases whose
-checkpoints/<phase>/last.ckpt exists are skipped (`make clean` to retrain),
+checkpoints/synth/<phase>/last.ckpt exists are skipped (`make clean` to retrain),
 and an existing data/synth is kept (`--quick` makes a smaller one: delete it
 before a full run).
 """

@@ -2,13 +2,15 @@
 
 Order: phase1 (FDE) -> phase2 (LMAE, FDE frozen) -> diffusion (FDE + LMAE
 frozen); pbnet trains beside them on pose/blink tracks. Each phase writes
-`checkpoints/<phase>/{best,last}.ckpt`; a downstream phase finds its upstream
-as: explicit path > `best.ckpt` > `last.ckpt`, checks it is of the right phase
-with compatible settings, and freezes it with `load_frozen()`.
+`checkpoints/<run>/<phase>/{best,last}.ckpt` (the config's `run`, "synth" for
+the default configs); a downstream phase finds its upstream as: explicit path >
+`best.ckpt` > `last.ckpt` of the same run, checks it is of the right phase with
+compatible settings, and freezes it with `load_frozen()`.
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -42,32 +44,87 @@ PHASES: dict[str, Phase] = {
 ORDER = ["phase1", "phase2", "pbnet", "diffusion"]
 
 
+DEFAULT_RUN = "synth"  # the run of the default configs and the demo
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def checkpoint_root() -> Path:
-    """`checkpoints/` under the working directory (the configs' ModelCheckpoint dirpath)."""
+    """`checkpoints/` under the working directory."""
     return Path("checkpoints")
 
 
-def checkpoint_dir(phase: str) -> Path:
+def check_run_name(run: str) -> str:
+    """A run name is one folder name (letters, digits, `_.-`); ValueError otherwise."""
+    if not RUN_NAME.fullmatch(str(run)):
+        raise ValueError(f"run name {run!r} must be one folder name of letters, digits, '_', '.' or '-'")
+    return str(run)
+
+
+def checkpoint_dir(phase: str, run: str = DEFAULT_RUN) -> Path:
+    """`checkpoints/<run>/<phase>/`: each configuration's run keeps its own checkpoints."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; known: {', '.join(ORDER)}")
-    return checkpoint_root() / phase
+    return checkpoint_root() / check_run_name(run) / phase
 
 
-def find_checkpoint(phase: str, explicit: str | None = None) -> Path:
-    """Explicit path > checkpoints/<phase>/best.ckpt > last.ckpt."""
+def find_checkpoint(phase: str, explicit: str | None = None, run: str = DEFAULT_RUN) -> Path:
+    """Explicit file > explicit folder's best.ckpt > its last.ckpt; without one, the
+    folder is checkpoints/<run>/<phase>/."""
+    folder = checkpoint_dir(phase, run)
     if explicit:
         path = Path(explicit)
-        if not path.is_file():
+        if path.is_file():
+            return path
+        if not path.is_dir():
             raise CheckpointError(f"{phase} checkpoint not found: {path}")
-        return path
-    folder = checkpoint_dir(phase)
+        folder = path
     for name in ("best.ckpt", "last.ckpt"):
         if (folder / name).is_file():
             return folder / name
     raise CheckpointError(
         f"no {phase} checkpoint in {folder}/ (best.ckpt or last.ckpt): "
-        f"train it first (`make {phase}`) or pass its path explicitly"
+        f"train it first (`microscope fit` with that run's {phase} config) or pass its path explicitly"
     )
+
+
+def phase_of_module(class_path: str) -> str | None:
+    """The phase a LightningModule class path trains ("...FDEModule" -> "phase1"), or None."""
+    name = str(class_path).rsplit(".", 1)[-1]
+    return next((phase for phase, path in PHASE_MODULES.items()
+                 if path.rsplit(".", 1)[-1] == name and phase in PHASES), None)
+
+
+def upstream_argument(class_path: str, init_args: Any) -> tuple[str, str] | None:
+    """(model argument, upstream phase) of a downstream module, e.g. ("fde_ckpt_path", "phase1")."""
+    phase = phase_of_module(class_path)
+    if phase == "phase2":
+        return None if init_args.get("joint_fde") else ("fde_ckpt_path", "phase1")
+    if phase == "diffusion":
+        return "mdcf_ckpt_path", "phase2" if init_args.get("latent", "mdcf") == "mdcf" else "phase1"
+    return None
+
+
+def normalized_networks(networks: dict[str, Any]) -> dict[str, Any]:
+    """Network settings with every default filled in, so a record written before a setting
+    existed compares equal to one that holds its default."""
+    from microscope_pl.models.config import DenoiserConfig, to_dict
+
+    known = {**NETWORK_CONFIGS, "denoiser": DenoiserConfig}
+    return {name: to_dict(from_dict(known[name], settings)) if name in known and isinstance(settings, dict)
+            else settings for name, settings in (networks or {}).items()}
+
+
+def first_difference(a: Any, b: Any, where: str) -> str | None:
+    """The first setting in which two records differ, as "where.key: a != b", or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            found = first_difference(a.get(key), b.get(key), f"{where}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        a, b = list(a), list(b)
+    return None if a == b else f"{where}: checkpoint {a!r}, config {b!r}"
 
 
 def read_phase_checkpoint(path: str | os.PathLike, phase: str, map_location: str = "cpu") -> dict[str, Any]:
@@ -140,7 +197,8 @@ def freeze_upstream(phase: str, explicit: str | None = None, *, image_size: int 
         own = checkpoint_record(ckpt, info["path"])
         if image_size is not None:
             require_equal("image_size", image_size, own["image_size"])
-        record = {"phase": phase, **info, "image_size": own["image_size"], "networks": own["networks"]}
+        record = {"phase": phase, **info, "image_size": own["image_size"], "networks": own["networks"],
+                  "data": own.get("data")}
         state = ckpt["state_dict"]
     else:
         state = None
@@ -194,23 +252,56 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 # ---------------------------------------------------------------- orchestrator
 
 
-def run_phases(until: str, extra_args: Iterable[str] = (), force: bool = False, only: str | None = None) -> int:
+def overlay_config(phase: str, overlays: str | os.PathLike | None) -> Path | None:
+    """The overlay of `phase` in the folder `overlays` (same file name as its base config), if any."""
+    if overlays is None:
+        return None
+    folder = Path(overlays)
+    if not folder.is_dir():
+        raise ValueError(f"overlay folder {folder} does not exist")
+    path = folder / Path(PHASES[phase].config).name
+    return path if path.is_file() else None
+
+
+def configured_run(configs: Iterable[Path]) -> str:
+    """The `run:` of the last config file that names one (DEFAULT_RUN when none does)."""
+    import yaml
+
+    run = DEFAULT_RUN
+    for path in configs:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(data, dict) and data.get("run"):
+            run = str(data["run"])
+    return check_run_name(run)
+
+
+def run_phases(until: str, extra_args: Iterable[str] = (), force: bool = False, only: str | None = None,
+               run: str | None = None, overlays: str | os.PathLike | None = None) -> int:
     """Train the phases in order up to `until`, skipping finished ones.
 
-    A phase counts as finished when `checkpoints/<phase>/last.ckpt` exists
-    (`force=True` retrains, resuming from it). Each phase runs in its own
-    process so one failure stops the chain with a clear message.
+    Each phase is `microscope fit --config <base config> [--config <overlays>/<same name>]`;
+    its run is `run`, else the configs' `run:`. A phase counts as finished when
+    `checkpoints/<run>/<phase>/last.ckpt` exists (`force=True` retrains, resuming
+    from it). Each phase runs in its own process so one failure stops the chain.
     """
     if until not in PHASES:
         raise ValueError(f"unknown phase {until!r}; known: {', '.join(ORDER)}")
+    if only is not None and only not in PHASES:
+        raise ValueError(f"unknown phase {only!r}; known: {', '.join(ORDER)}")
     names = ORDER[: ORDER.index(until) + 1] if only is None else [only]
+    extra = list(extra_args)
     for name in names:
         phase = PHASES[name]
-        last = checkpoint_dir(name) / "last.ckpt"
+        configs = [Path(phase.config)] + [p for p in [overlay_config(name, overlays)] if p is not None]
+        name_of_run = check_run_name(run) if run else configured_run(configs)
+        last = checkpoint_dir(name, name_of_run) / "last.ckpt"
         if last.is_file() and not force:
             print(f"[{name}] {last} exists: skipped (use --force to train further)")
             continue
-        cmd = [sys.executable, "-m", "microscope_pl", "fit", "--config", phase.config, *extra_args]
+        cmd = [sys.executable, "-m", "microscope_pl", "fit"]
+        for config in configs:
+            cmd += ["--config", str(config)]
+        cmd += (["--run", name_of_run] if run else []) + extra
         print(f"[{name}] {phase.summary}: {' '.join(cmd[2:])}", flush=True)
         code = subprocess.call(cmd)
         if code != 0:

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import yaml
+from jsonargparse import dict_to_namespace
 
 from helpers import REPO
 from microscope_pl import ablations
-from microscope_pl.cli import main
+from microscope_pl.cli import apply_run, main
 from microscope_pl.phases import PHASE_MODULES
 
 CONFIGS = REPO / "configs"
@@ -23,27 +24,37 @@ ON, OFF = "on", "off"
 
 # One row per documented composition (configs/<name>.yaml, in order): frame size of model
 # and data, curriculum switch epoch (None: no curriculum), the not-in-the-paper `extras`
-# (None: the network has none), checkpoints/<folder>, and a few settings that matter.
+# (None: the network has none), checkpoints/<run>/<phase>, and a few settings that matter.
 COMPOSITIONS = [
-    ("phase1_fde", ["phase1_fde"], 128, None, ON, "phase1",
-     {"model.optimizer.lr": 0.002, "model.optimizer.betas": [0.9, 0.999], "model.loss.weights": "random"}),
-    ("phase2_lmae", ["phase2_lmae"], 128, None, ON, "phase2",
+    ("phase1_fde", ["phase1_fde"], 128, None, ON, "synth/phase1",
+     {"model.optimizer.lr": 0.002, "model.optimizer.betas": [0.9, 0.999], "model.loss.weights": "random",
+      "model.network.extras.registration_init": False}),
+    ("phase2_lmae", ["phase2_lmae"], 128, None, ON, "synth/phase2",
      {"model.network.num_down": 2, "model.network.grid_mode": "offset", "model.optimizer.scheduler": "constant"}),
-    ("pbnet", ["pbnet"], 128, None, None, "pbnet",
+    ("pbnet", ["pbnet"], 128, None, None, "synth/pbnet",
      {"model.optimizer.lr": 0.001, "model.optimizer.warmup_steps": 50, "model.network.audio_dim": 80}),
-    ("diffusion", ["diffusion"], 128, 3, ON, "diffusion",
+    ("diffusion", ["diffusion"], 128, 3, ON, "synth/diffusion",
      {"model.optimizer.lr": 5e-4, "model.sampling.audio_scale": 4.0, "model.ema_decay": 0.995}),
-    ("phase1_fde 256", ["phase1_fde", "hdtf/phase1_fde_256"], 256, None, OFF, "phase1",
+    ("phase1_fde 256", ["phase1_fde", "hdtf/phase1_fde_256"], 256, None, OFF, "hdtf256/phase1",
      {"model.network.max_features": 512, "model.loss.weights": "imagenet", "model.optimizer.scheduler": "cosine"}),
-    ("phase1_fde 512", ["phase1_fde", "hdtf/phase1_fde_512"], 512, None, OFF, "phase1",
+    ("phase1_fde 512", ["phase1_fde", "hdtf/phase1_fde_512"], 512, None, OFF, "hdtf512/phase1",
      {"model.network.max_features": 512, "model.loss.weights": "imagenet", "model.optimizer.scheduler": "cosine"}),
-    ("phase2_lmae 256", ["phase2_lmae", "hdtf/phase2_lmae_256"], 256, None, OFF, "phase2",
+    ("phase2_lmae 256", ["phase2_lmae", "hdtf/phase2_lmae_256"], 256, None, OFF, "hdtf256/phase2",
      {"model.network.num_down": 3, "model.network.grid_mode": "absolute", "model.loss.weights": "imagenet"}),
-    ("pbnet hubert", ["pbnet", "hdtf/pbnet"], 256, None, None, "pbnet",
+    ("pbnet hubert", ["pbnet", "hdtf/pbnet"], 256, None, None, "hdtf256/pbnet",
      {"model.network.audio_dim": 1024, "model.audio_features": "hubert:facebook/hubert-large-ls960-ft"}),
-    ("diffusion 256", ["diffusion", "hdtf/diffusion_256"], 256, 50, OFF, "diffusion",
+    ("diffusion 256", ["diffusion", "hdtf/diffusion_256"], 256, 50, OFF, "hdtf256/diffusion",
      {"model.denoiser.audio_dim": 1024, "model.optimizer.lr": 1e-4, "data.curriculum.max_frames": 40}),
-    ("diffusion 256 ddp", ["diffusion", "hdtf/diffusion_256", "trainer/ddp"], 256, 50, OFF, "diffusion",
+    ("phase1_fde real", ["phase1_fde", "real/phase1_fde"], 128, None, ON, "real128/phase1",
+     {"data.data_root": "data/real128", "data.holdout_seconds": 2.0, "data.synthesize_if_missing": False,
+      "model.network.extras.registration_init": True, "trainer.check_val_every_n_epoch": 1}),
+    ("phase2_lmae real", ["phase2_lmae", "real/phase2_lmae"], 128, None, ON, "real128/phase2",
+     {"data.data_root": "data/real128", "data.holdout_seconds": 2.0, "model.fde_ckpt_path": "checkpoints/real128/phase1"}),
+    ("pbnet real", ["pbnet", "real/pbnet"], 128, None, None, "real128/pbnet",
+     {"data.data_root": "data/real128", "data.holdout_seconds": 2.0, "model.network.audio_dim": 80}),
+    ("diffusion real", ["diffusion", "real/diffusion"], 128, 3, ON, "real128/diffusion",
+     {"data.data_root": "data/real128", "data.test_split": "videos", "model.mdcf_ckpt_path": "checkpoints/real128/phase2"}),
+    ("diffusion 256 ddp", ["diffusion", "hdtf/diffusion_256", "trainer/ddp"], 256, 50, OFF, "hdtf256/diffusion",
      {"model.denoiser.audio_dim": 1024}),
 ]
 # configs/trainer/<name>.yaml: accelerator, devices, strategy, precision (None: no trainer config).
@@ -69,7 +80,8 @@ ABLATIONS = {
 # extras field: (off: the paper's, on: what the CPU configs use)
 EXTRAS = {
     "source_skip": (False, True), "flow_refinement": (False, True), "global_alignment": (False, True),
-    "upsample": ("nearest", "bilinear"), "affine_head": (False, True), "audio_context": (0, 2),
+    "registration_init": (False, True), "upsample": ("nearest", "bilinear"), "affine_head": (False, True),
+    "audio_context": (0, 2),
 }
 CHECKPOINT_IO = "microscope_pl.modules.checkpoint_io.AtomicCheckpointIO"
 
@@ -127,16 +139,20 @@ def check(config: dict[str, Any], size: int, switch: int | None, extras: str | N
     else:
         assert found, "a network with extras"
         for key, value in found.items():
-            assert value == EXTRAS[key.rsplit(".", 1)[1]][extras == ON], (key, value)
+            if not key.endswith(".registration_init"):  # on in configs/real only: checked by the rows
+                assert value == EXTRAS[key.rsplit(".", 1)[1]][extras == ON], (key, value)
 
-    checkpoints = [c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith(".ModelCheckpoint")]
-    assert [c["dirpath"] for c in checkpoints] == [f"checkpoints/{folder}"] * 2
+    run = dict_to_namespace(config)
+    apply_run(run)  # what `microscope fit` does before building the trainer
+    checkpoints = [c.init_args for c in run.trainer.callbacks if c.class_path.endswith(".ModelCheckpoint")]
+    assert [c.dirpath for c in checkpoints] == [f"checkpoints/{folder}"] * 2
     best, last = checkpoints
     assert (best["filename"], best["monitor"], best["save_top_k"]) == ("best", "val/loss", 1)
     assert last["save_last"] is True and last["save_top_k"] == 0
     assert [p["class_path"] for p in trainer["plugins"]] == [CHECKPOINT_IO]
+    applied = run.as_dict()  # upstream folders are filled in by apply_run
     for key, value in also.items():
-        assert setting(config, key) == value, key
+        assert setting(applied, key) == value, key
 
 
 def _cases() -> list[Any]:

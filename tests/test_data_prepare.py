@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from microscope_pl.data.audio import load_audio, read_wav, speech_level_dbfs
-from microscope_pl.data.prepare import FaceTools, eye_aspect_ratio, prepare, split_names
+from microscope_pl.data.face_track import eye_aspect_ratio
+from microscope_pl.data.prepare import FaceTools, prepare, split_names
 from microscope_pl.data.video_io import video_info
 
 

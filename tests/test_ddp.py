@@ -19,4 +19,4 @@ def test_two_process_cpu_ddp_keeps_ranks_identical(synth_root, tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ddp-consistency: weights identical on 2 ranks" in result.stdout
-    assert (tmp_path / "checkpoints/phase1/last.ckpt").is_file()
+    assert (tmp_path / "checkpoints/synth/phase1/last.ckpt").is_file()

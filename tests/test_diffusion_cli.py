@@ -24,7 +24,7 @@ def diffusion_ckpt(trained, synth_root):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(trained)
         assert fit("diffusion.yaml", synth_root, *TINY_UNET, *CLIPS, *ONE_STEP) == 0
-    return trained / "checkpoints/diffusion/last.ckpt"
+    return trained / "checkpoints/synth/diffusion/last.ckpt"
 
 
 def test_diffusion_fit_records_upstream_and_freezes_mdcf(diffusion_ckpt, trained):
@@ -33,7 +33,7 @@ def test_diffusion_fit_records_upstream_and_freezes_mdcf(diffusion_ckpt, trained
     hp = ckpt["hyper_parameters"]
     assert hp["upstream"]["phase"] == "phase2" and hp["upstream"]["path"].endswith(".ckpt")
     assert ckpt["microscope"]["networks"]["lmae"]["num_down"] == 3
-    p2 = torch.load(trained / "checkpoints/phase2/best.ckpt", weights_only=True)["state_dict"]
+    p2 = torch.load(trained / "checkpoints/synth/phase2/best.ckpt", weights_only=True)["state_dict"]
     for key, value in p2.items():
         if key.startswith(("fde.", "lmae.")):
             assert torch.equal(ckpt["state_dict"]["pipeline.codec." + key], value), key
@@ -87,7 +87,7 @@ def test_dawn_baseline_config_diffuses_h4_dynamics(trained, synth_root, monkeypa
     monkeypatch.chdir(trained)
     baseline = ["--config", str(REPO / "configs/ablations/dawn_baseline.yaml")]
     code = main(["fit", "--config", str(REPO / "configs/diffusion.yaml"), *baseline, *data_args(synth_root),
-                 *TINY_UNET, *CLIPS, "--model.init_args.mdcf_ckpt_path", "checkpoints/phase1/best.ckpt",
+                 *TINY_UNET, *CLIPS, "--model.init_args.mdcf_ckpt_path", "checkpoints/synth/phase1/best.ckpt",
                  "--trainer.fast_dev_run", "1"])
     assert code == 0
 
@@ -120,7 +120,7 @@ def test_ablation_config_runs_one_step(variant, trained, synth_root, monkeypatch
     base, tiny = ABLATIONS[variant]
     monkeypatch.chdir(trained)
     needs_phase1 = variant.startswith("mdcf") and variant != "mdcf_no_tpc.yaml"
-    upstream = ["--model.init_args.fde_ckpt_path", "checkpoints/phase1/best.ckpt"] if needs_phase1 else []
+    upstream = ["--model.init_args.fde_ckpt_path", "checkpoints/synth/phase1/best.ckpt"] if needs_phase1 else []
     args = ["fit", "--config", str(REPO / "configs" / base), "--config", str(REPO / "configs/ablations" / variant),
             *data_args(synth_root), *tiny, *upstream, "--trainer.fast_dev_run", "1"]
     assert main(args) == 0

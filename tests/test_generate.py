@@ -103,7 +103,7 @@ def test_api_with_pose_file_and_timings(env: dict[str, Path], tmp_path: Path) ->
                             log=messages.append)
     assert report.path.is_file() and report.frames == n
     assert report.denoise_s > 0 and report.decode_s > 0 and report.audio_features == "logmel"
-    assert any("face-centred crop" in m for m in messages)
+    assert any("face crop (haar box" in m for m in messages)  # the synthetic set's recipe
     path = generate(env["diffusion"], "astronaut", env["speech"], tmp_path / "b.mp4", pose="still", steps=1,
                     progress=False, device="cpu", precision="bf16", log=messages.append)  # the GPU default's path
     assert path == tmp_path / "b.mp4" and path.is_file()
@@ -156,7 +156,7 @@ def test_bad_inputs_give_one_line_errors(case: str, env: dict[str, Path], tmp_pa
 
 def test_missing_pbnet_suggests_still(env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.chdir(tmp_path)  # no checkpoints/pbnet here
+    monkeypatch.chdir(tmp_path)  # no checkpoints/synth/pbnet here
     argv = ["generate", "--checkpoint", str(env["diffusion"]), "--image", "astronaut", "--audio", str(env["speech"]),
             "--out", "x.mp4", "--no-progress", "--device", "cpu"]
     assert main(argv) == 2
@@ -183,7 +183,7 @@ def test_rgba_grayscale_and_odd_sized_portraits(tmp_path: Path) -> None:
     assert gray.shape == (3, 64, 64) and torch.allclose(gray, torch.full_like(gray, 90 / 255), atol=0.01)
     assert load_portrait(tmp_path / "small.bmp", 64, log=None).shape == (3, 64, 64)
     astronaut = load_portrait("astronaut", 32, log=notes.append)
-    assert astronaut.shape == (3, 32, 32) and "face-centred" in notes[-1]
+    assert astronaut.shape == (3, 32, 32) and "face crop (haar box" in notes[-1]
 
 
 def test_audio_feature_kind_comes_from_the_checkpoint(env: dict[str, Path]) -> None:
@@ -245,3 +245,28 @@ def test_demo_budgets_fit_the_plan() -> None:
     assert sum(full for full, _ in BUDGETS.values()) <= 18.5  # + start-up, data, generation ~ 20 min
     assert sum(quick for _, quick in BUDGETS.values()) <= 2.0
     assert max_time(6) == "00:00:06:00" and max_time(0.4) == "00:00:00:24"
+
+
+def test_generation_frames_and_levels_like_the_checkpoints_data(env: dict[str, Path], tmp_path: Path) -> None:
+    """A checkpoint trained on prepared data carries its framing recipe and loudness target:
+    generation crops the portrait with that recipe and brings the speech to that level."""
+    from microscope_pl.data.framing import SYNTH_FRAMING
+    from microscope_pl.inference.generate import run_generation
+    from microscope_pl.inference.inputs import portrait_box, read_image
+
+    ckpt = torch.load(env["diffusion"], weights_only=True)
+    assert ckpt["microscope"]["data"] is None  # built without a data module: the synthetic recipe applies
+    prepared = {"framing": {"detector": "haar", "scale": 1.6, "offset": [0.0, 0.0], "reference": "box"},
+                "loudness_dbfs": -23.0, "source": "prepared"}
+    ckpt["microscope"]["data"] = prepared
+    path = tmp_path / "prepared.ckpt"
+    torch.save(ckpt, path)
+    messages: list[str] = []
+    run_generation(path, "astronaut", env["speech"], tmp_path / "p.mp4", pose="still", steps=1, progress=False,
+                   device="cpu", log=messages.append)
+    rgb = read_image("astronaut")
+    box, _ = portrait_box(rgb, prepared["framing"])
+    synth_box, _ = portrait_box(rgb, SYNTH_FRAMING)
+    assert box[2] < synth_box[2]  # 1.6 x the face box instead of 2.44 x
+    assert any(f"{box[2]}x{box[2]} at ({box[0]}, {box[1]})" in m for m in messages), messages
+    assert any("heard at -23 dBFS like the training data" in m for m in messages), messages

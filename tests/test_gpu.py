@@ -58,7 +58,7 @@ def gpu_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         assert fit("phase1_fde.yaml", data, *TINY_FDE, *STEPS, *GPU_BF16) == 0
         assert fit("phase2_lmae.yaml", data, *TINY_LMAE, *STEPS, *GPU_BF16) == 0
         assert fit("diffusion.yaml", data, *TINY_UNET, *STEPS, *GPU_BF16) == 0
-    return work / "checkpoints/diffusion/last.ckpt"
+    return work / "checkpoints/synth/diffusion/last.ckpt"
 
 
 def test_every_phase_fits_with_bf16_mixed(gpu_checkpoint: Path) -> None:

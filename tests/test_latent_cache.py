@@ -33,7 +33,7 @@ def test_cache_holds_the_online_latents(cache_file, trained, synth_root):
     cache = load_cache(cache_file)
     assert cache["latent"] == "mdcf" and cache["image_size"] == 64 and len(cache["upstream"]["sha256"]) == 64
     assert not list(cache_file.parent.glob("*.tmp*"))  # written atomically
-    module = load_module(trained / "checkpoints/phase2/best.ckpt", "phase2")
+    module = load_module(trained / "checkpoints/synth/phase2/best.ckpt", "phase2")
     data = ClipDataset(synth_root, "train", num_frames=6, image_size=64, samples_per_video=1)
     name = data.names[0]
     entry = cache["videos"][name]
@@ -84,7 +84,7 @@ def _fit_args(trained, synth_root):
     """A one-step diffusion fit in the current directory, upstream named explicitly."""
     return ["fit", "--config", str(REPO / "configs/diffusion.yaml"), *data_args(synth_root), *TINY_UNET, *CLIPS,
             "--trainer.fast_dev_run", "1",
-            "--model.init_args.mdcf_ckpt_path", str(trained / "checkpoints/phase2/best.ckpt")]
+            "--model.init_args.mdcf_ckpt_path", str(trained / "checkpoints/synth/phase2/best.ckpt")]
 
 
 def test_diffusion_trains_from_the_cache(cache_file, trained, synth_root, monkeypatch, tmp_path):

@@ -37,9 +37,9 @@ def test_find_checkpoint_prefers_explicit_then_best_then_last(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="no phase1 checkpoint"):
         find_checkpoint("phase1")
-    last = _save(tmp_path / "checkpoints/phase1/last.ckpt", "phase1")
+    last = _save(tmp_path / "checkpoints/synth/phase1/last.ckpt", "phase1")
     assert find_checkpoint("phase1") == last.relative_to(tmp_path)
-    best = _save(tmp_path / "checkpoints/phase1/best.ckpt", "phase1")
+    best = _save(tmp_path / "checkpoints/synth/phase1/best.ckpt", "phase1")
     assert find_checkpoint("phase1") == best.relative_to(tmp_path)
     other = _save(tmp_path / "elsewhere.ckpt", "phase1")
     assert find_checkpoint("phase1", str(other)) == other

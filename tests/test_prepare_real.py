@@ -17,7 +17,8 @@ import pytest
 
 from microscope_pl.data.audio import (LOUDNESS_TARGET_DBFS, PEAK_CEILING_DBFS, SILENCE_DBFS, normalize_loudness,
                                       read_wav, rms_dbfs, speech_level_dbfs)
-from microscope_pl.data.prepare import FaceTools, clip_mouth_box, mouth_boxes, prepare, smooth_track
+from microscope_pl.data.face_track import clip_mouth_box, mouth_boxes, smooth_track
+from microscope_pl.data.prepare import FaceTools, prepare
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real-clips"
 SIZE = 64
@@ -187,3 +188,31 @@ def test_real_clip_feeds_the_dataset_and_sync_proxy(real_out: tuple[Path, dict, 
     assert item["mouth_box"].tolist() == [float(v) for v in box]
     corr = sync_correlation(item["frames"], item["loudness"], item["mouth_box"].tolist())
     assert -1.0 <= corr <= 1.0
+
+
+def test_generation_frames_a_raw_frame_like_the_data_set(real_out: tuple[Path, dict, Path], tmp_path: Path) -> None:
+    """Frame k of a raw clip framed both ways with the data set's recipe: by `data prepare`
+    (its crop of a still clip of that frame) and by generation (`portrait_box`)."""
+    from microscope_pl.data.datasets import data_record, load_manifest
+    from microscope_pl.data.prepare import choose_crop, probe
+    from microscope_pl.inference.inputs import crop_portrait, portrait_box
+
+    out, _, src = real_out
+    recipe = data_record(load_manifest(out))["framing"]
+    assert recipe["detector"] == "dlib"
+    tools = FaceTools()
+    for k in (10, 60):
+        raw = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(src / "clip_d12.mp4"),
+                              "-vf", f"select=eq(n\\,{k})", "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                              "-"], capture_output=True, check=True).stdout
+        rgb = np.frombuffer(raw, np.uint8).reshape(512, 512, 3)
+        still = tmp_path / f"still{k}.mp4"
+        subprocess.run(["ffmpeg", "-nostdin", "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                        "-s", "512x512", "-r", "25", "-i", "-", "-c:v", "libx264", "-crf", "10", "-pix_fmt",
+                        "yuv444p", str(still)], input=raw * 30, check=True)
+        data_crop, _, framing = choose_crop(still, probe(still), tools, "auto", recipe["scale"])
+        assert framing["detector"] == "dlib"
+        (x0, y0, side), how = portrait_box(rgb, recipe)
+        assert how.startswith("face crop (dlib box"), how
+        assert max(abs(a - b) for a, b in zip((x0, y0, side), data_crop)) <= 3, ((x0, y0, side), data_crop)
+        assert crop_portrait(rgb, SIZE, framing=recipe)[0].shape == (SIZE, SIZE, 3)

@@ -45,10 +45,26 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` -> ``(K, N)`` with 1 <= K <= N (None stays None); ValueError otherwise."""
+    if text is None:
+        return None
+    k, sep, n = text.partition("/")
+    if sep and k.strip().isdigit() and n.strip().isdigit() and 1 <= int(k) <= int(n):
+        return int(k), int(n)
+    raise ValueError(f"--shard must be K/N with 1 <= K <= N, got {text!r}")
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare a folder of real videos and print a summary."""
     import time
 
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.workers < 1:
+        return _fail(f"--workers must be >= 1, got {args.workers}")
     from microscope_pl.data.prepare import prepare
 
     start = time.perf_counter()
@@ -57,11 +73,18 @@ def run_prepare(args: argparse.Namespace) -> int:
                          face_crop=args.face_crop, landmarks=args.landmarks, test_fraction=args.test_fraction,
                          min_seconds=args.min_seconds, crop_scale=args.crop_scale,
                          silence_dbfs=args.silence_dbfs, loudness_target=args.loudness_target,
-                         max_seconds=args.max_seconds, verbose=not args.quiet)
+                         max_seconds=args.max_seconds, workers=args.workers, device=args.device, shard=shard,
+                         verbose=not args.quiet)
     except (ValueError, RuntimeError, OSError) as exc:
         return _fail(_first_line(exc))
-    print(f"prepared {len(report['processed'])} new, kept {len(report['existing'])}, "
-          f"skipped {len(report['skipped'])} (reasons in {args.out_dir}/report.json); "
+    counts = (f"prepared {len(report['processed'])} new, kept {len(report['existing'])}, "
+              f"skipped {len(report['skipped'])}")
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]}: {counts} (reasons in {args.out_dir}/report.shard-{shard[0]}-of-"
+              f"{shard[1]}.json); no manifest: run once without --shard when every shard is done; "
+              f"{time.perf_counter() - start:.1f} s")
+        return 0
+    print(f"{counts} (reasons in {args.out_dir}/report.json); "
           f"split {report['train']} train / {report['test']} test; pose: {report['pose_source']}, "
           f"blink: {report['blink_source']}; {time.perf_counter() - start:.1f} s")
     return 0
@@ -89,7 +112,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     synth.set_defaults(func=run_synth)
 
     prep = sub.add_parser("prepare", help="prepare a folder of real talking-head videos",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          epilog="Cluster: run --shard 1/N ... N/N into one shared --out-dir, then once without "
+                                 "--shard over the same --src/--out-dir: it prepares nothing new and writes "
+                                 "manifest.json and report.json. Skips are remembered in videos/.skipped/.")
     prep.add_argument("--src", required=True, help="folder of raw videos (searched recursively)")
     prep.add_argument("--out-dir", "--out", dest="out_dir", metavar="DIR", required=True,
                       help="output folder (resumable)")
@@ -107,6 +133,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                       help="skip videos whose audio RMS (16 kHz mono) is below this level")
     prep.add_argument("--loudness-target", type=float, default=LOUDNESS_TARGET_DBFS,
                       help="gated speech level (dBFS) every stored track is normalised to")
+    prep.add_argument("--workers", type=int, default=1, help="videos prepared at once (a process pool)")
+    prep.add_argument("--device", default="cpu", help="HuBERT features' device (cpu, cuda, cuda:1; logmel ignores it)")
+    prep.add_argument("--shard", metavar="K/N", default=None,
+                      help="prepare only share K of N (crc32 of the name): report.shard-K-of-N.json, no manifest")
     prep.add_argument("--quiet", action="store_true", help="print only the summary")
     prep.set_defaults(func=run_prepare)
     return data

@@ -12,10 +12,13 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from microscope_pl.data.bad_samples import KEY as BAD_KEY
+from microscope_pl.data.bad_samples import BadSampleLog, SkipBadSamples
 from microscope_pl.data.datasets import ClipDataset, FramePairDataset, load_manifest
 from microscope_pl.models.config import from_dict
 
 MODES = ("pairs", "clips")
+TEST_SPLITS = ("videos", "tail")
 REFERENCES = ("first", "random")
 
 
@@ -83,6 +86,7 @@ class TalkingHeadDataModule(pl.LightningDataModule):
         val_samples: int = 32,
         augment: bool = True,
         cache_mb: float = 256.0,
+        max_bad_fraction: float = 0.05,
         synthesize_if_missing: bool = True,
         synth_videos: int = 8,
         synth_seconds: float = 4.0,
@@ -90,6 +94,8 @@ class TalkingHeadDataModule(pl.LightningDataModule):
         synth_seed: int = 0,
         latent_cache: str | None = None,
         curriculum: Optional[ClipCurriculum] = None,
+        holdout_seconds: float = 0.0,
+        test_split: str = "videos",
     ) -> None:
         """
         Args:
@@ -104,6 +110,10 @@ class TalkingHeadDataModule(pl.LightningDataModule):
             val_samples: total validation (and test) items, spread over the test videos.
             augment: flip + colour jitter on training pairs (mode "pairs").
             cache_mb: per-worker budget for decoded videos kept in memory.
+            max_bad_fraction: share of the train clips that may fail to load or hold non-finite
+                values; their items are replaced by other clips' and reported (logs and
+                ``bad_samples.json`` in the log folder). Past it the run stops naming the worst
+                clips. Bad val/test clips are skipped and reported only.
             synthesize_if_missing: synthesise the embedded data set when data_root has no manifest.
             synth_videos: videos to synthesise.
             synth_seconds: length of each synthetic video in seconds.
@@ -113,6 +123,9 @@ class TalkingHeadDataModule(pl.LightningDataModule):
                 cached latents instead of frames (mode "clips", train split only).
             curriculum: stage 2 of the clip curriculum (mode "clips"; null: one stage).
                 Needs ``trainer.reload_dataloaders_every_n_epochs: 1``.
+            holdout_seconds: the last seconds of every training video are left out of training.
+            test_split: what validation and test draw from: "videos" (the held-out videos,
+                identities never seen) or "tail" (the held-out seconds of the training videos).
         """
         super().__init__()
         if mode not in MODES:
@@ -126,10 +139,17 @@ class TalkingHeadDataModule(pl.LightningDataModule):
                              f"num_workers={num_workers}")
         if samples_per_video < 1 or val_samples < 1:
             raise ValueError(f"samples_per_video={samples_per_video} and val_samples={val_samples} must be >= 1")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         if image_size is not None and image_size < 8:
             raise ValueError(f"image_size must be >= 8 or None, got {image_size}")
         if latent_cache and mode != "clips":
             raise ValueError(f"latent_cache needs mode 'clips', got mode {mode!r}")
+        if holdout_seconds < 0 or test_split not in TEST_SPLITS:
+            raise ValueError(f"need holdout_seconds >= 0 and test_split in {TEST_SPLITS}, got "
+                             f"holdout_seconds={holdout_seconds}, test_split={test_split!r}")
+        if test_split == "tail" and holdout_seconds <= 0:
+            raise ValueError("test_split 'tail' needs holdout_seconds > 0 (the held-out end of each training video)")
         stage2 = as_curriculum(curriculum)
         if stage2 is not None and mode != "clips":
             raise ValueError(f"curriculum needs mode 'clips', got mode {mode!r}")
@@ -155,10 +175,16 @@ class TalkingHeadDataModule(pl.LightningDataModule):
         self.val_samples = val_samples
         self.augment = augment
         self.cache_mb = cache_mb
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_samples = BadSampleLog()  # items replaced in this process's loaders, by split and clip
+        self.split_clips: dict[str, int] = {}  # clips per split, of the loaders made
+        self.replaced: dict[str, int] = {}  # items replaced by stage ("train", "val", "test"), as logged
         self.synthesize_if_missing = synthesize_if_missing
         self.synth_args = {"videos": synth_videos, "seconds": synth_seconds, "size": synth_size,
                            "seed": synth_seed}
         self.latent_cache = latent_cache
+        self.tail_frames = int(round(holdout_seconds * 25))  # prepared and synthetic sets are 25 fps
+        self.eval_split = "tail" if test_split == "tail" else "test"
         self.cache: dict | None = None  # the loaded latent cache
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -179,13 +205,16 @@ class TalkingHeadDataModule(pl.LightningDataModule):
         synthesize(self.data_root, **self.synth_args)
 
     def _make(self, split: str) -> Dataset:
+        split = split if split == "train" else self.eval_split
+        tail = self.tail_frames
         if self.mode == "pairs":
             if split == "train":
                 return FramePairDataset(self.data_root, split, self.image_size, augment=self.augment,
-                                        samples_per_video=self.samples_per_video, cache_mb=self.cache_mb)
+                                        samples_per_video=self.samples_per_video, cache_mb=self.cache_mb,
+                                        tail_frames=tail)
             per_video = self._eval_per_video()
             return FramePairDataset(self.data_root, split, self.image_size, augment=False,
-                                    samples_per_video=per_video, cache_mb=self.cache_mb)
+                                    samples_per_video=per_video, cache_mb=self.cache_mb, tail_frames=tail)
         per_video = self.samples_per_video if split == "train" else self._eval_per_video()
         latents = None
         if split == "train" and self.latent_cache:
@@ -195,10 +224,11 @@ class TalkingHeadDataModule(pl.LightningDataModule):
                 self.cache = load_cache(self.latent_cache)
             latents = self.cache["videos"]
         return ClipDataset(self.data_root, split, self.num_frames, self.reference, self.image_size,
-                           samples_per_video=per_video, cache_mb=self.cache_mb, latents=latents)
+                           samples_per_video=per_video, cache_mb=self.cache_mb, latents=latents, tail_frames=tail)
 
     def _eval_per_video(self) -> int:
-        videos = len(load_manifest(self.data_root)["test"])
+        manifest = load_manifest(self.data_root)
+        videos = len(manifest["train" if self.eval_split == "tail" else "test"])
         if videos == 0:
             raise ValueError(f"{self.data_root}: the test split is empty; validation needs at least one "
                              "test video (prepare at least 2 videos)")
@@ -247,6 +277,8 @@ class TalkingHeadDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for dataloaders")
+        dataset = dataset if isinstance(dataset, SkipBadSamples) else SkipBadSamples(dataset)
+        self.split_clips[dataset.split] = len(dataset.names)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
                           drop_last=train and len(dataset) >= self.batch_size)  # type: ignore[arg-type]
@@ -261,3 +293,62 @@ class TalkingHeadDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
+
+    # ------------------------------------------------------------ bad samples
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the ``bad_samples`` records off a batch (models never see them), count and log
+        them, and stop when more than ``max_bad_fraction`` of the train clips are bad."""
+        if not isinstance(batch, dict) or BAD_KEY not in batch:
+            return batch
+        records = batch.pop(BAD_KEY)
+        trainer = self.trainer
+        zero = trainer is None or trainer.is_global_zero
+        for split, name, reason in self.bad_samples.add(records):
+            if zero:
+                print(f"bad sample: {split} clip {name} skipped ({reason}); its items come from other clips",
+                      flush=True)
+        replaced = sum(1 for text in records if text)
+        if trainer is not None and replaced:  # items of this stage taken from other clips so far
+            stage = "train" if trainer.training else "test" if trainer.testing else "val"
+            self.replaced[stage] = self.replaced.get(stage, 0) + replaced
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{stage}/bad_samples": float(self.replaced[stage])}, step=trainer.global_step)
+        clips = self.split_clips.get("train", 0)
+        over = self.bad_samples.too_many("train", clips, self.max_bad_fraction)
+        if trainer is not None and trainer.training and trainer.world_size > 1:  # every rank stops, or none
+            over = trainer.strategy.reduce_boolean_decision(over, all=False)
+        if over:
+            raise ValueError(self.bad_samples.too_many_message("train", clips, self.max_bad_fraction,
+                                                               str(self.data_root)))
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        """End of fit/validate/test: the bad-sample report of every rank, printed and written by rank zero."""
+        self._report(collective=True)
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._report(collective=False)  # another rank may not be failing: no collectives here
+
+    def _report(self, collective: bool) -> None:
+        trainer, tally = self.trainer, self.bad_samples
+        dist = torch.distributed
+        if collective and trainer is not None and trainer.world_size > 1 and dist.is_available() \
+                and dist.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, tally.counts())
+            tally = BadSampleLog()
+            for counts in gathered:
+                tally.merge(counts)
+        if not tally.splits:  # the same on every rank after the gather
+            return
+        folder = None
+        if trainer is not None:
+            logger = trainer.loggers[0] if trainer.loggers else None
+            folder = trainer.log_dir if collective else getattr(logger, "log_dir", None)
+            folder = folder or trainer.default_root_dir
+            if not trainer.is_global_zero:
+                return
+        path = Path(folder or ".") / "bad_samples.json"
+        tally.write(path, self.split_clips, str(self.data_root), self.max_bad_fraction)
+        print(tally.report(self.split_clips, path), flush=True)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from microscope_pl.data.audio import loudness_envelope, read_wav
 from microscope_pl.data.video_io import read_video
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "tail")
 
 
 def load_manifest(root: str | Path) -> dict:
@@ -37,11 +37,24 @@ def load_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def data_record(manifest: dict) -> dict:
+    """What a checkpoint keeps of its training data (record "data"): generation frames a
+    portrait with ``framing`` and brings speech to ``loudness_dbfs`` as the data were."""
+    from microscope_pl.data.framing import SYNTH_FRAMING
+
+    synthetic = manifest.get("source") == "synthetic"
+    return {"source": manifest.get("source"), "size": manifest.get("size"),
+            "audio_features": manifest.get("audio_features"), "audio_dim": manifest.get("audio_dim"),
+            "framing": manifest.get("framing") or (dict(SYNTH_FRAMING) if synthetic else None),
+            "loudness_dbfs": (manifest.get("loudness") or {}).get("target_dbfs")}
+
+
 def split_videos(manifest: dict, split: str) -> list[str]:
-    """Video names of ``split``: "train" -> manifest train; "val" and "test" -> manifest test."""
+    """Video names of ``split``: "train" and "tail" (the held-out last seconds of the
+    training videos) -> manifest train; "val" and "test" -> manifest test."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return list(manifest["train"] if split == "train" else manifest["test"])
+    return list(manifest["train"] if split in ("train", "tail") else manifest["test"])
 
 
 class VideoStore:
@@ -125,10 +138,15 @@ def frames_to_tensor(frames: np.ndarray, size: int) -> torch.Tensor:
 
 
 class _VideoDataset(Dataset):
-    """Shared index, lazy per-process store and image conversion."""
+    """Shared index, lazy per-process store and image conversion.
+
+    ``tail_frames`` > 0 holds the last frames of every training video out of
+    training: split "train" draws from the frames before them, split "tail"
+    only from them (lip sync on seen identities, unseen moments).
+    """
 
     def __init__(self, root: str | Path, split: str, image_size: int | None, samples_per_video: int,
-                 min_frames: int = 1, cache_mb: float = 256.0) -> None:
+                 min_frames: int = 1, cache_mb: float = 256.0, tail_frames: int = 0) -> None:
         self.root = Path(root)
         self.split = split
         self.manifest = load_manifest(root)
@@ -139,14 +157,20 @@ class _VideoDataset(Dataset):
             raise ValueError(f"samples_per_video must be >= 1, got {samples_per_video}")
         metas = {n: json.loads((self.root / "videos" / n / "meta.json").read_text()) for n in names}
         self.frame_counts = {n: int(meta["frames"]) for n, meta in metas.items()}
-        # Mouth boxes (synthetic data only) in stored pixels, for the lip-sync proxy metric.
+        if tail_frames < 0 or (split == "tail" and tail_frames == 0):
+            raise ValueError(f"split 'tail' needs tail_frames > 0 (data.holdout_seconds), got {tail_frames}")
+        # [lo, hi) of the frames each item may use
+        self.spans = {n: ((0, max(0, c - tail_frames)) if split == "train" else
+                          (max(0, c - tail_frames), c) if split == "tail" else (0, c))
+                      for n, c in self.frame_counts.items()}
+        # Clip mouth boxes in stored pixels (synthetic, or prepared with landmarks), for the lip-sync proxy.
         self.mouth_boxes = {n: (meta.get("mouth_box"), int(meta.get("size", self.manifest["size"])))
                             for n, meta in metas.items()}
-        self.names = [n for n in names if self.frame_counts[n] >= min_frames]
+        self.names = [n for n in names if self.spans[n][1] - self.spans[n][0] >= max(1, min_frames)]
         if not self.names:
-            longest = max(self.frame_counts.values())
+            longest = max(hi - lo for lo, hi in self.spans.values())
             raise ValueError(f"num_frames={min_frames} exceeds every {split} video of {self.root} "
-                             f"(longest has {longest} frames)")
+                             f"(longest has {longest} usable frames)")
         self.stored_size = int(self.manifest["size"])
         self.image_size = self.stored_size if image_size is None else int(image_size)
         if self.image_size < 8:
@@ -208,18 +232,21 @@ class FramePairDataset(_VideoDataset):
     """
 
     def __init__(self, root: str | Path, split: str, image_size: int | None = None, augment: bool = False,
-                 samples_per_video: int = 50, cache_mb: float = 256.0) -> None:
-        super().__init__(root, split, image_size, samples_per_video, min_frames=1, cache_mb=cache_mb)
+                 samples_per_video: int = 50, cache_mb: float = 256.0, tail_frames: int = 0) -> None:
+        super().__init__(root, split, image_size, samples_per_video, min_frames=1, cache_mb=cache_mb,
+                         tail_frames=tail_frames)
         self.augment = augment
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
         name = self.names[index // self.samples_per_video]
-        count = self.frame_counts[name]
+        lo, hi = self.spans[name]
+        count = hi - lo
         gen = self._generator(index)
         i = self._randint(count, gen)
         j = (i + 1 + self._randint(count - 1, gen)) % count if count > 1 else i  # j != i when possible
+        i, j = lo + i, lo + j
         images = self._images(self.store.frames(name, [i, j]))
         if self.augment:
             images = augment_pair(images, gen)
@@ -244,12 +271,13 @@ class ClipDataset(_VideoDataset):
 
     def __init__(self, root: str | Path, split: str, num_frames: int = 20, reference: str = "first",
                  image_size: int | None = None, samples_per_video: int = 10, cache_mb: float = 256.0,
-                 latents: dict[str, dict[str, Any]] | None = None) -> None:
+                 latents: dict[str, dict[str, Any]] | None = None, tail_frames: int = 0) -> None:
         if reference not in ("first", "random"):
             raise ValueError(f"reference must be 'first' or 'random', got {reference!r}")
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        super().__init__(root, split, image_size, samples_per_video, min_frames=num_frames, cache_mb=cache_mb)
+        super().__init__(root, split, image_size, samples_per_video, min_frames=num_frames, cache_mb=cache_mb,
+                         tail_frames=tail_frames)
         self.num_frames = num_frames
         self.reference = reference
         self.audio_dim = int(self.manifest["audio_dim"])
@@ -268,14 +296,15 @@ class ClipDataset(_VideoDataset):
             raise IndexError(index)
         name = self.names[index // self.samples_per_video]
         count, n = self.frame_counts[name], self.num_frames
+        lo, hi = self.spans[name]
         gen = self._generator(index)
         if self.latents is not None:  # the clip as cached latents: no video decoding, or the reference only
-            start, ref, clip = self._cached_clip(name, count, gen)
+            start, ref, clip = self._cached_clip(name, gen)
             cached = clip.pop("reference", None)
             images = cached[None] if cached is not None else self._images(self.store.frames(name, [ref]))
         else:
-            start = self._randint(count - n + 1, gen)
-            ref = start if self.reference == "first" else self._randint(count, gen)
+            start = lo + self._randint(hi - lo - n + 1, gen)
+            ref = start if self.reference == "first" else lo + self._randint(hi - lo, gen)
             images = self._images(self.store.frames(name, list(range(start, start + n)) + [ref]))
             clip = {"frames": images[:n]}
         arrays = self.store.arrays(name, count)
@@ -296,17 +325,18 @@ class ClipDataset(_VideoDataset):
             "mouth_box": self._mouth_box(name),
         }
 
-    def _cached_clip(self, name: str, count: int, gen: torch.Generator | None
-                     ) -> tuple[int, int, dict[str, torch.Tensor]]:
+    def _cached_clip(self, name: str, gen: torch.Generator | None) -> tuple[int, int, dict[str, torch.Tensor]]:
         """(start, reference index, cached latent statistics ``n c h w``) of one clip."""
         entry, n = self.latents[name], self.num_frames
+        lo, hi = self.spans[name]
         refs = entry["ref_indices"].tolist()
         if self.reference == "first":  # frame 0 is always cached, so one fits
-            choices = [i for i, r in enumerate(refs) if r <= count - n]
+            choices = [i for i, r in enumerate(refs) if lo <= r <= hi - n]
             slot = choices[self._randint(len(choices), gen)]
             start = refs[slot]
         else:
-            slot, start = self._randint(len(refs), gen), self._randint(count - n + 1, gen)
+            inside = [i for i, r in enumerate(refs) if lo <= r < hi] or list(range(len(refs)))
+            slot, start = inside[self._randint(len(inside), gen)], lo + self._randint(hi - lo - n + 1, gen)
         out = {"latent_mean": entry["mean"][slot, start:start + n].float()}
         refs_rgb = entry.get("ref_frames")
         if refs_rgb is not None and refs_rgb.shape[-1] == self.image_size:

@@ -150,7 +150,7 @@ def register(sub: Any) -> None:
     cache.add_argument("--data", default="data/synth", help="data set folder (with manifest.json)")
     cache.add_argument("--out", required=True, help="cache file to write (e.g. data/synth/latents_mdcf.pt)")
     cache.add_argument("--ckpt-path", "--ckpt_path", "--ckpt", "--checkpoint", dest="ckpt_path", default=None,
-                       help="upstream checkpoint (default: checkpoints/phase2 "
+                       help="upstream checkpoint (default: checkpoints/synth/phase2 "
                        "best, then last; phase1 with --latent fde)")
     cache.add_argument("--latent", default="mdcf", choices=("mdcf", "fde"))
     cache.add_argument("--references", type=int, default=8, help="reference frames per video (default %(default)s)")

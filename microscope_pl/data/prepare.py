@@ -2,13 +2,13 @@
 
 Per video: decode with ffmpeg to 25 fps and 16 kHz mono, skip it when the
 track is missing, all zero or near silent, crop a fixed square around the
-face (median face box of a few sampled frames), resize to S x S, bring the
+face (data/framing.py: the median face box of a few sampled frames), resize to S x S, bring the
 speech to one loudness (``audio.normalize_loudness``) and compute the audio
 features. With the optional ``prepare`` extra (``pip install dlib-bin
 face_recognition_models``) every frame gets 68 facial landmarks, from which
 come the pose (``cv2.solvePnP`` on a generic 3-D face), blink (eye aspect
 ratio), a per-frame mouth box and a clip-level one, all lightly smoothed in
-time (:func:`smooth_track`); without it only scale/tx/ty are measured (from
+time (data/face_track.py); without it only scale/tx/ty are measured (from
 the face box), the rest is zero and there is no mouth box, which
 ``manifest.json`` records honestly.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -32,6 +31,8 @@ import numpy as np
 
 from microscope_pl.data.audio import (LOUDNESS_TARGET_DBFS, SAMPLE_RATE, SILENCE_DBFS, AudioFeatureExtractor,
                                       load_audio, normalize_loudness, rms_dbfs, speech_level_dbfs, write_wav)
+from microscope_pl.data.face_track import SMOOTH_ORDER, SMOOTH_WINDOW, clip_mouth_box, face_track
+from microscope_pl.data.framing import CENTRE_FRAMING, FaceDetector, crop_box
 from microscope_pl.data.video_io import VideoWriter, mux_audio
 
 FPS = 25
@@ -39,55 +40,27 @@ VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".flv", ".m
 EXTRA_HINT = "pip install dlib-bin face_recognition_models  (the 'prepare' extra)"
 PREPARE_VERSION = 2  # clips prepared by an older version are prepared again on resume
 CROP_OFFSET = (0.0, 0.1)  # crop centre = face box centre + offset * (w, h): keep the chin, trim the hair
-SMOOTH_WINDOW, SMOOTH_ORDER = 5, 2  # Savitzky-Golay over 5 frames (200 ms at 25 fps), quadratic
-MOUTH_MARGIN = (0.2, 0.3)  # mouth box = lip box grown by these shares of the lip width (x, y) on each side
-MOUTH_ENVELOPE = 2.0  # clip-level mouth box: 2nd / 98th percentile of the per-frame box edges
 MIN_FACE_FRACTION = 0.5  # skip a video whose face the detector finds in fewer frames
-LIPS = slice(48, 68)
-
-# A generic head (mm, nose tip at the origin) in the camera convention x right, y down,
-# z away from the camera, so a frontal face gives R = I. dlib 68-point indices.
-_MODEL_POINTS = np.array([
-    [0.0, 0.0, 0.0],  # 30 nose tip
-    [0.0, 330.0, 65.0],  # 8 chin
-    [-225.0, -170.0, 135.0],  # 36 outer corner of the image-left eye
-    [225.0, -170.0, 135.0],  # 45 outer corner of the image-right eye
-    [-150.0, 150.0, 125.0],  # 48 image-left mouth corner
-    [150.0, 150.0, 125.0],  # 54 image-right mouth corner
-], np.float64)
-_MODEL_INDICES = [30, 8, 36, 45, 48, 54]
-
 
 # ---------------------------------------------------------------- detectors
 
 
-class FaceTools:
-    """Face box detector (OpenCV haar cascade or dlib HOG) and optional dlib 68-point landmarks."""
+class FaceTools(FaceDetector):
+    """The face detector (framing.FaceDetector) and optional dlib 68-point landmarks."""
 
     def __init__(self, landmarks: str = "auto", landmark_model: str | Path | None = None) -> None:
         if landmarks not in ("auto", "dlib", "none"):
             raise ValueError(f"landmarks must be 'auto', 'dlib' or 'none', got {landmarks!r}")
-        self.haar: Any = None
-        if hasattr(cv2, "CascadeClassifier") and hasattr(cv2, "data"):
-            xml = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-            if xml.is_file():
-                self.haar = cv2.CascadeClassifier(str(xml))
-        self.dlib_detector: Any = None
+        super().__init__(use_dlib=landmarks != "none")
         self.predictor: Any = None
-        self.missing = ""
-        self.last_source = ""  # "dlib" or "haar": which detector found the boxes of the last detect()
-        if landmarks != "none":
-            self._load_dlib(landmark_model)
-            if landmarks == "dlib" and self.predictor is None:
-                raise ValueError(f"landmarks='dlib' but {self.missing}; {EXTRA_HINT}")
+        if self.dlib_detector is not None:
+            self._load_predictor(landmark_model)
+        if landmarks == "dlib" and self.predictor is None:
+            raise ValueError(f"landmarks='dlib' but {self.missing}; {EXTRA_HINT}")
 
-    def _load_dlib(self, landmark_model: str | Path | None) -> None:
-        try:
-            import dlib
-        except ImportError:
-            self.missing = "dlib is not installed"
-            return
-        self.dlib_detector = dlib.get_frontal_face_detector()
+    def _load_predictor(self, landmark_model: str | Path | None) -> None:
+        import dlib
+
         path = Path(landmark_model) if landmark_model else None
         if path is None:
             # Locate the model file without importing face_recognition_models (it needs pkg_resources).
@@ -102,165 +75,14 @@ class FaceTools:
         self._dlib = dlib
 
     @property
-    def has_detector(self) -> bool:
-        return self.haar is not None or self.dlib_detector is not None
-
-    @property
     def has_landmarks(self) -> bool:
         return self.predictor is not None
-
-    def detect(self, rgb: np.ndarray, large_face: bool = False) -> list[tuple[float, float, float, float]]:
-        """Face boxes ``(x, y, w, h)`` in pixels, largest first.
-
-        ``large_face``: the face fills a good part of the image (a face-centred
-        crop), so the haar cascade may run on a 160 px copy, ~3x faster.
-        """
-        boxes: list[tuple[float, float, float, float]] = []
-        self.last_source = ""
-        if self.dlib_detector is not None:
-            boxes = [(r.left(), r.top(), r.width(), r.height()) for r in self.dlib_detector(rgb, 0)]
-            self.last_source = "dlib" if boxes else ""
-        if not boxes and self.haar is not None:
-            k = min(1.0, 160.0 / min(rgb.shape[:2])) if large_face else 1.0
-            gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-            if k < 1.0:
-                gray = cv2.resize(gray, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
-            gray = cv2.equalizeHist(gray)
-            side = max(24, min(gray.shape[:2]) // (5 if large_face else 10))
-            found = self.haar.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
-            boxes = [tuple(float(v) / k for v in b) for b in found]
-            self.last_source = "haar" if boxes else ""
-        return sorted(boxes, key=lambda b: -b[2] * b[3])
 
     def landmarks(self, rgb: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
         """68 landmarks ``[68, 2]`` inside ``box``."""
         x, y, w, h = (int(round(v)) for v in box)
         shape = self.predictor(rgb, self._dlib.rectangle(x, y, x + w, y + h))
         return np.array([[p.x, p.y] for p in shape.parts()], np.float64)
-
-
-def eye_aspect_ratio(eye: np.ndarray) -> float:
-    """EAR of six eye landmarks ``[6, 2]``: (|p1 - p5| + |p2 - p4|) / (2 |p0 - p3|)."""
-    vertical = np.linalg.norm(eye[1] - eye[5]) + np.linalg.norm(eye[2] - eye[4])
-    return float(vertical / max(2.0 * np.linalg.norm(eye[0] - eye[3]), 1e-6))
-
-
-def head_pose(points: np.ndarray, size: int, guess: tuple[np.ndarray, np.ndarray] | None = None):
-    """(yaw, pitch, roll) in degrees from 68 landmarks, with R = Rz(roll) Ry(yaw) Rx(pitch).
-
-    Returns the angles and (rvec, tvec) to seed the next frame's solve.
-    """
-    image_points = points[_MODEL_INDICES].astype(np.float64)
-    camera = np.array([[size, 0, size / 2], [0, size, size / 2], [0, 0, 1]], np.float64)
-    if guess is None:
-        guess = (np.zeros((3, 1)), np.array([[0.0], [0.0], [1000.0]]))
-    ok, rvec, tvec = cv2.solvePnP(_MODEL_POINTS, image_points, camera, None, guess[0].copy(), guess[1].copy(),
-                                  useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
-    if not ok:
-        return (0.0, 0.0, 0.0), None
-    r, _ = cv2.Rodrigues(rvec)
-    yaw = -math.degrees(math.asin(float(np.clip(r[2, 0], -1, 1))))
-    pitch = math.degrees(math.atan2(r[2, 1], r[2, 2]))
-    roll = math.degrees(math.atan2(r[1, 0], r[0, 0]))
-    return (yaw, pitch, roll), (rvec, tvec)
-
-
-# ---------------------------------------------------------------- face tracks (landmarks -> pose, blink, mouth)
-
-
-def smooth_track(x: np.ndarray, window: int = SMOOTH_WINDOW, order: int = SMOOTH_ORDER) -> np.ndarray:
-    """Light temporal smoothing of a per-frame track ``[T, ...]``: Savitzky-Golay along axis 0.
-
-    A centred ``window``-frame polynomial fit of degree ``order`` (5 frames,
-    quadratic: it removes landmark jitter but keeps a 3-frame blink or a
-    syllable's mouth opening). Tracks shorter than the window are returned as
-    they are.
-    """
-    from scipy.signal import savgol_filter
-
-    x = np.asarray(x, np.float64)
-    if x.shape[0] < window:
-        return x.copy()
-    return savgol_filter(x, window, order, axis=0, mode="interp")
-
-
-def mouth_boxes(points: np.ndarray, size: int, margin: tuple[float, float] = MOUTH_MARGIN) -> np.ndarray:
-    """Per-frame mouth boxes ``[T, 4]`` (x0, y0, x1, y1) from landmarks ``[T, 68, 2]`` in S x S pixels.
-
-    The box of the lip points (48-67) grown by ``margin`` times the lip width
-    on each side, smoothed with :func:`smooth_track`, then widened where
-    needed so it still holds that frame's lip points; clipped to the frame.
-    """
-    lips = np.asarray(points, np.float64)[:, LIPS]
-    tight = np.concatenate([lips.min(axis=1), lips.max(axis=1)], axis=1)  # [T, 4]
-    width = (tight[:, 2] - tight[:, 0])[:, None]
-    grow = np.concatenate([-width * margin[0], -width * margin[1], width * margin[0], width * margin[1]], axis=1)
-    boxes = smooth_track(tight + grow)
-    boxes[:, :2] = np.minimum(boxes[:, :2], tight[:, :2] - 1.0)
-    boxes[:, 2:] = np.maximum(boxes[:, 2:], tight[:, 2:] + 1.0)
-    return np.clip(boxes, 0.0, float(size)).astype(np.float32)
-
-
-def clip_mouth_box(boxes: np.ndarray, size: int, envelope: float = MOUTH_ENVELOPE) -> list[int]:
-    """One integer box for the whole clip from per-frame boxes ``[T, 4]``: a robust envelope.
-
-    Each edge is the ``envelope``-th percentile outwards (2nd for x0, y0; 98th
-    for x1, y1), so a few badly fitted frames do not blow the box up.
-    """
-    lo = np.percentile(boxes[:, :2], envelope, axis=0)
-    hi = np.percentile(boxes[:, 2:], 100.0 - envelope, axis=0)
-    x0, y0 = (int(np.clip(np.floor(v), 0, size - 1)) for v in lo)
-    x1, y1 = (int(np.clip(np.ceil(v), 1, size)) for v in hi)
-    return [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
-
-
-def _fill_missing(items: list[np.ndarray | None]) -> np.ndarray:
-    """Stack per-frame arrays, holding the nearest earlier (else later) one where an entry is None."""
-    first = next(v for v in items if v is not None)
-    out, last = [], first
-    for v in items:
-        last = v if v is not None else last
-        out.append(last)
-    return np.stack(out)
-
-
-def face_track(points: list[np.ndarray | None], boxes: list[tuple | None], work: int, size: int) -> dict:
-    """Per-frame face arrays from the fitted landmarks (``work`` px) or, without them, the face boxes.
-
-    Returns ``pose`` [T, 6] (yaw, pitch, roll in degrees; face width and
-    centre offset as fractions of the frame), ``blink`` [T, 2] (EAR of the
-    image-left and image-right eye) and, with landmarks, ``landmarks``
-    [T, 68, 2], ``mouth_boxes`` [T, 4] (both in S x S output pixels) and
-    ``mouth_open`` [T] (inner-lip gap over mouth width: about 0 closed,
-    0.3-0.6 wide open). Frames without a fit hold the nearest fitted one;
-    pose, blink and the mouth boxes are smoothed with :func:`smooth_track`,
-    the landmarks are stored as fitted.
-    """
-    if any(p is not None for p in points):
-        pts = _fill_missing(points)  # [T, 68, 2] in work pixels
-        angles, guess = [], None
-        for frame_pts in pts:
-            a, solved = head_pose(frame_pts, work, guess)
-            if solved is not None:
-                guess = solved
-            elif angles:
-                a = angles[-1]
-            angles.append(a)
-        lo, hi = pts.min(axis=1), pts.max(axis=1)
-        geometry = np.stack([(hi[:, 0] - lo[:, 0]) / work, (lo[:, 0] + hi[:, 0]) / 2 / work - 0.5,
-                             (lo[:, 1] + hi[:, 1]) / 2 / work - 0.5], axis=1)
-        pose = np.concatenate([np.asarray(angles, np.float64), geometry], axis=1)
-        blink = np.array([[eye_aspect_ratio(p[36:42]), eye_aspect_ratio(p[42:48])] for p in pts])
-        out_pts = (pts + 0.5) * (size / work) - 0.5  # pixel centres of the work frame -> of the S x S frame
-        gap = np.linalg.norm(pts[:, [61, 62, 63]] - pts[:, [67, 66, 65]], axis=-1).mean(axis=1)
-        return {"pose": smooth_track(pose).astype(np.float32), "blink": smooth_track(blink).astype(np.float32),
-                "landmarks": out_pts.astype(np.float32), "mouth_boxes": mouth_boxes(out_pts, size),
-                "mouth_open": gap / np.maximum(np.linalg.norm(pts[:, 54] - pts[:, 48], axis=-1), 1e-6)}
-    b = np.array([v if v is not None else (0.0, 0.0, work, work) for v in boxes], np.float64).reshape(-1, 4)
-    geometry = np.stack([b[:, 2] / work, (b[:, 0] + b[:, 2] / 2) / work - 0.5,
-                         (b[:, 1] + b[:, 3] / 2) / work - 0.5], axis=1)
-    pose = np.concatenate([np.zeros((len(b), 3)), smooth_track(geometry)], axis=1)
-    return {"pose": pose.astype(np.float32), "blink": np.zeros((len(b), 2), np.float32)}
 
 
 # ---------------------------------------------------------------- ffmpeg helpers
@@ -326,7 +148,7 @@ def choose_crop(path: Path, info: dict, tools: FaceTools, face_crop: str, crop_s
     width, height = info["width"], info["height"]
     centre = ((width - min(width, height)) // 2 // 2 * 2, (height - min(width, height)) // 2 // 2 * 2,
               _even(min(width, height)))
-    centred = {"detector": "center", "scale": None, "offset": None, "reference": "frame"}
+    centred = dict(CENTRE_FRAMING)
     if face_crop == "center":
         return centre, "centre crop (face_crop='center')", centred
     if not tools.has_detector:
@@ -349,14 +171,12 @@ def choose_crop(path: Path, info: dict, tools: FaceTools, face_crop: str, crop_s
             return None, "no face detected", centred
         return centre, "no face detected; centre crop", centred
     x, y, w, h = np.median(np.stack(boxes), axis=0)
-    side = min(crop_scale * max(w, h), width, height)
-    cx, cy = x + w / 2 + CROP_OFFSET[0] * w, y + h / 2 + CROP_OFFSET[1] * h
-    x0 = float(np.clip(cx - side / 2, 0, width - side))
-    y0 = float(np.clip(cy - side / 2, 0, height - side))
+    x0, y0, side = crop_box((x, y, w, h), width, height, crop_scale, CROP_OFFSET)
     crop = (_even(x0), _even(y0), _even(side))
+    unshifted = crop_box((x, y, w, h), 10**9, 10**9, crop_scale, CROP_OFFSET)[:2]
     framing = {"detector": detector, "scale": crop_scale, "offset": list(CROP_OFFSET), "reference": "box",
                "face_box": [round(float(v), 1) for v in (x, y, w, h)], "detections": len(boxes),
-               "shifted": bool(abs(x0 - (cx - side / 2)) > 1 or abs(y0 - (cy - side / 2)) > 1)}
+               "shifted": bool(abs(x0 - unshifted[0]) > 1 or abs(y0 - unshifted[1]) > 1)}
     return crop, f"face crop from {len(boxes)} {detector} detections", framing
 
 
@@ -489,11 +309,127 @@ def _safe_name(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "video"
 
 
+def _assign_names(files: list[Path]) -> list[str]:
+    """Clip names over the full sorted file list: the safe stem, then ``_2``, ``_3``... on collisions."""
+    names: list[str] = []
+    for path in files:
+        name = base = _safe_name(path.stem)
+        for i in range(2, 10_000):
+            if name not in names:
+                break
+            name = f"{base}_{i}"
+        names.append(name)
+    return names
+
+
+def in_shard(name: str, shard: tuple[int, int] | None) -> bool:
+    """Whether clip ``name`` belongs to the 1-based shard ``(k, n)``: crc32(name) mod n == k - 1.
+
+    It depends on the name only, so adding videos never moves old ones to another shard."""
+    return shard is None or zlib.crc32(name.encode()) % shard[1] == shard[0] - 1
+
+
+def _write_json(path: Path, payload: Any, indent: int | None = None) -> None:
+    """Write ``path`` atomically (a temporary name, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=indent))
+    os.replace(tmp, path)
+
+
+def _skip_key(src: Path, path: Path, settings: dict) -> dict:
+    """What a skip marker must match to be trusted: source file (relative path, size), version, settings."""
+    return {"source": path.relative_to(src).as_posix(), "bytes": path.stat().st_size,
+            "prepare_version": PREPARE_VERSION, "settings": settings}
+
+
+def _remembered_skip(marker: Path, key: dict) -> str | None:
+    """The reason stored in ``marker`` when it matches ``key`` (else None: prepare the video again)."""
+    try:
+        old = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return old.get("reason") if all(old.get(k) == v for k, v in key.items()) else None
+
+
+_WORKER: dict[str, Any] = {}  # a pool worker's FaceTools and AudioFeatureExtractor (not picklable)
+
+
+def _init_worker(landmarks: str, landmark_model: str | Path | None, audio_features: str, device: str,
+                 threads: int) -> None:
+    """Process-pool initializer: leave Ctrl-C to the parent, share the cores, build the tools once.
+
+    Its own process group keeps the terminal's Ctrl-C from this worker's ffmpeg too (a killed decoder
+    would read as a skip); the parent stops the workers instead."""
+    import signal
+
+    import torch
+
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    try:
+        _WORKER["tools"] = FaceTools(landmarks, landmark_model)
+        _WORKER["extractor"] = AudioFeatureExtractor(audio_features, device)
+    except Exception as exc:  # noqa: BLE001 - raised again by every task, so the parent reports it
+        _WORKER["error"] = exc
+
+
+def _prepare_one(path: Path, tmp: Path, name: str, opts: _Options, tools: FaceTools | None = None,
+                 extractor: AudioFeatureExtractor | None = None) -> tuple[str, Any]:
+    """Prepare one video into the folder ``tmp``: ``("ok", meta)`` or ``("skip", one-line reason)``.
+
+    Without ``tools``/``extractor`` it uses the pool worker's. ``tmp`` is removed unless ok."""
+    if tools is None or extractor is None:
+        if "error" in _WORKER:
+            raise _WORKER["error"]
+        tools, extractor = _WORKER["tools"], _WORKER["extractor"]
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        return "ok", _process(path, tmp, name, tools, extractor, opts)
+    except (ValueError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        text = str(exc).strip()
+        return "skip", text.splitlines()[0] if text else type(exc).__name__
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _run_pool(jobs: list[tuple[Path, Path, str]], opts: _Options, workers: int, init_args: tuple,
+              finish: Any) -> None:
+    """Run ``_prepare_one`` over ``jobs`` (path, tmp, name) in spawned processes; ``finish(k, status, payload)``
+    is called in the parent as each job completes. On any exception or Ctrl-C the workers are stopped, no
+    further clip is promoted and every job's ``tmp`` folder is removed."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=init_args)
+    futures: dict[Any, int] = {}
+    try:
+        futures = {pool.submit(_prepare_one, path, tmp, name, opts): k for k, (path, tmp, name) in enumerate(jobs)}
+        for future in as_completed(futures):
+            finish(futures[future], *future.result())
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for _, tmp, _ in jobs:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare(src: str | Path, out: str | Path, size: int = 256, audio_features: str = "logmel",
             face_crop: str = "auto", landmarks: str = "auto", test_fraction: float = 0.1,
             min_seconds: float = 1.0, crop_scale: float = 2.2, landmark_model: str | Path | None = None,
             silence_dbfs: float = SILENCE_DBFS, loudness_target: float = LOUDNESS_TARGET_DBFS,
             min_face_fraction: float = MIN_FACE_FRACTION, max_seconds: float | None = None,
+            workers: int = 1, device: str = "cpu", shard: tuple[int, int] | None = None,
             verbose: bool = True) -> dict:
     """Prepare every video under ``src`` into ``out``; returns the report (also ``out/report.json``).
 
@@ -502,13 +438,25 @@ def prepare(src: str | Path, out: str | Path, size: int = 256, audio_features: s
     reason: unreadable files, no audio stream, an all-zero track or one whose
     RMS is below ``silence_dbfs``, no face (the detector finds one in fewer
     than ``min_face_fraction`` of the frames, or, with ``face_crop="detect"``,
-    in none of the sampled frames), shorter than ``min_seconds``.
+    in none of the sampled frames), shorter than ``min_seconds``. A skip is
+    remembered in ``out/videos/.skipped/<name>.json`` and not tried again while
+    the file (path, size), this version and the settings stay the same.
     ``face_crop``: "auto" (detect, else centre crop with a note), "detect", "center".
     ``landmarks``: "auto" (dlib if installed), "dlib" (required), "none".
     ``crop_scale``: crop side over the face box side (see :func:`choose_crop`).
     ``loudness_target``: gated speech level in dBFS of every stored track
     (``audio.normalize_loudness``). ``max_seconds``: keep only the first
     seconds of each video (None: all).
+    ``workers``: videos prepared at once, in spawned processes that each build
+    their own detector and feature extractor (same output as 1).
+    ``device``: where HuBERT features are computed ("cpu", "cuda", ...; logmel ignores it).
+    ``shard``: ``(k, n)``, 1-based: prepare only the videos whose name has
+    ``crc32(name) % n == k - 1`` (names are given over all files first, so shards
+    never collide) and write ``out/report.shard-k-of-n.json`` but no manifest.
+    Cluster flow: run shards 1/n ... n/n into the same ``out`` (shared file
+    system), then one unsharded pass over the same ``src``/``out``; it finds
+    every clip prepared or skipped, prepares nothing new and writes
+    ``manifest.json`` and ``report.json`` with every skip reason.
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -521,6 +469,10 @@ def prepare(src: str | Path, out: str | Path, size: int = 256, audio_features: s
         raise ValueError(f"crop_scale must be positive, got {crop_scale}")
     if max_seconds is not None and max_seconds < min_seconds:
         raise ValueError(f"max_seconds={max_seconds} is below min_seconds={min_seconds}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if shard is not None and not (len(shard) == 2 and 1 <= shard[0] <= shard[1]):
+        raise ValueError(f"shard must be (k, n) with 1 <= k <= n, got {shard!r}")
     opts = _Options(size, face_crop, crop_scale, min_seconds, max_seconds, silence_dbfs, loudness_target,
                     min_face_fraction)
     if (out / "manifest.json").is_file():  # a resumed folder: the settings that shape every clip must agree
@@ -533,58 +485,87 @@ def prepare(src: str | Path, out: str | Path, size: int = 256, audio_features: s
             if was != value:
                 raise ValueError(f"{out} was prepared with {key}={was!r} but {key}={value!r} was asked; "
                                  "use another output folder")
-    tools = FaceTools(landmarks, landmark_model)
-    if not tools.has_landmarks and landmarks != "none" and verbose:
-        print(f"note: {tools.missing}; pose will hold only scale/tx/ty and blink zeros. For landmarks: {EXTRA_HINT}")
-    extractor = AudioFeatureExtractor(audio_features)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
+    videos, skipped_dir = out / "videos", out / "videos" / ".skipped"
+    skipped_dir.mkdir(parents=True, exist_ok=True)
+    from dataclasses import asdict
+
+    settings = json.loads(json.dumps({**asdict(opts), "landmarks": landmarks, "audio_features": audio_features}))
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
-    report: dict[str, Any] = {"processed": [], "existing": [], "skipped": [], "notes": {}}
-    used: set[str] = set()
-    for path in files:
-        name = base = _safe_name(path.stem)
-        for i in range(2, 10_000):
-            if name not in used:
-                break
-            name = f"{base}_{i}"
-        used.add(name)
-        final = out / "videos" / name
-        if (final / "meta.json").is_file():
-            if json.loads((final / "meta.json").read_text()).get("prepare_version") == PREPARE_VERSION:
-                report["existing"].append(name)
-                continue
-            if verbose:
-                print(f"redo {path.name}: prepared by an older version (no landmarks or mouth box)")
-        tmp = out / "videos" / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            meta = _process(path, tmp, name, tools, extractor, opts)
-        except (ValueError, RuntimeError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            report["skipped"].append({"file": str(path), "reason": reason})
-            if verbose:
-                print(f"skip {path.name}: {reason}")
+    names = _assign_names(files)  # over ALL files, before sharding
+    results: dict[int, tuple[str, Any]] = {}  # file index -> ("existing" | "ok" | "skip", payload)
+    todo: list[int] = []
+    for i, (path, name) in enumerate(zip(files, names)):
+        if not in_shard(name, shard):
             continue
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        report["processed"].append(name)
-        report["notes"][name] = meta["note"]
-        if verbose:
-            print(f"ok   {path.name} -> {name} ({meta['frames']} frames, {meta['note']})")
-    names = sorted(p.name for p in (out / "videos").iterdir()
+        meta_file = videos / name / "meta.json"
+        if meta_file.is_file() and json.loads(meta_file.read_text()).get("prepare_version") == PREPARE_VERSION:
+            results[i] = ("existing", None)
+            continue
+        reason = _remembered_skip(skipped_dir / f"{name}.json", _skip_key(src, path, settings))
+        if reason is not None:
+            results[i] = ("skip", reason)
+            continue
+        if meta_file.is_file() and verbose:
+            print(f"redo {path.name}: prepared by an older version (no landmarks or mouth box)")
+        todo.append(i)
+
+    def finish(i: int, status: str, payload: Any) -> None:  # in the parent: promote the clip or remember the skip
+        path, name = files[i], names[i]
+        marker = skipped_dir / f"{name}.json"
+        if status == "ok":
+            shutil.rmtree(videos / name, ignore_errors=True)
+            os.replace(videos / f".{name}.tmp", videos / name)
+            marker.unlink(missing_ok=True)
+            if verbose:
+                print(f"ok   {path.name} -> {name} ({payload['frames']} frames, {payload['note']})")
+        else:
+            _write_json(marker, {"file": str(path), "reason": payload, **_skip_key(src, path, settings)})
+            if verbose:
+                print(f"skip {path.name}: {payload}")
+        results[i] = (status, payload)
+
+    extractor: AudioFeatureExtractor | None = None
+    if todo:
+        tools = FaceTools(landmarks, landmark_model)
+        if not tools.has_landmarks and landmarks != "none" and verbose:
+            print(f"note: {tools.missing}; pose will hold only scale/tx/ty and blink zeros. "
+                  f"For landmarks: {EXTRA_HINT}")
+        jobs = [(files[i], videos / f".{names[i]}.tmp", names[i]) for i in todo]
+        if workers == 1 or len(todo) == 1:
+            extractor = AudioFeatureExtractor(audio_features, device)
+            for i, job in zip(todo, jobs):
+                finish(i, *_prepare_one(*job, opts, tools, extractor))
+        else:
+            del tools
+            n = min(workers, len(todo))
+            _run_pool(jobs, opts, n, (landmarks, landmark_model, audio_features, device,
+                                      max(1, (os.cpu_count() or 1) // n)), lambda k, *r: finish(todo[k], *r))
+    report: dict[str, Any] = {"processed": [], "existing": [], "skipped": [], "notes": {}}
+    for i in sorted(results):
+        status, payload = results[i]
+        if status == "skip":
+            report["skipped"].append({"file": str(files[i]), "reason": payload})
+        else:
+            report["processed" if status == "ok" else "existing"].append(names[i])
+            if status == "ok":
+                report["notes"][names[i]] = payload["note"]
+    if shard is not None:
+        report["shard"] = list(shard)
+        _write_json(out / f"report.shard-{shard[0]}-of-{shard[1]}.json", report, indent=1)
+        return report
+    names = sorted(p.name for p in videos.iterdir()
                    if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").is_file())
-    metas = [json.loads((out / "videos" / n / "meta.json").read_text()) for n in names]
+    metas = [json.loads((videos / n / "meta.json").read_text()) for n in names]
+    if names:  # the stored features' width (no need to load HuBERT in a pass that prepared nothing)
+        audio_dim = int(np.load(videos / names[0] / "audio_feats.npy", mmap_mode="r").shape[-1])
+    else:
+        audio_dim = (extractor or AudioFeatureExtractor(audio_features, device)).dim
     sources = {m.get("pose_source", "box") for m in metas}
     pose_source = sources.pop() if len(sources) == 1 else ("mixed" if sources else "none")
     detectors = sorted({m.get("framing", {}).get("detector", "unknown") for m in metas})
     train, test = split_names(names, test_fraction)
     manifest = {"format": "microscope-pl/1", "source": "prepared", "fps": FPS, "sample_rate": SAMPLE_RATE,
-                "size": size, "audio_features": audio_features, "audio_dim": extractor.dim,
+                "size": size, "audio_features": audio_features, "audio_dim": audio_dim,
                 "train": train, "test": test, "pose_source": pose_source,
                 "blink_source": {"landmarks": "landmarks", "box": "none"}.get(pose_source, pose_source),
                 "landmarks": "dlib68" if metas and all(m.get("landmarks") for m in metas) else None,
@@ -599,8 +580,6 @@ def prepare(src: str | Path, out: str | Path, size: int = 256, audio_features: s
                 "max_seconds": max_seconds}
     report.update({"train": len(train), "test": len(test), "pose_source": manifest["pose_source"],
                    "blink_source": manifest["blink_source"]})
-    for fname, payload in (("manifest.json", manifest), ("report.json", report)):
-        tmp_file = out / f".{fname}.tmp"
-        tmp_file.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp_file, out / fname)
+    _write_json(out / "manifest.json", manifest, indent=1)
+    _write_json(out / "report.json", report, indent=1)
     return report

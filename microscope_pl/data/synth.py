@@ -26,6 +26,7 @@ from scipy.ndimage import gaussian_filter1d
 from scipy.signal import resample_poly
 
 from microscope_pl.data.audio import (SAMPLE_RATE, AudioFeatureExtractor, loudness_db, read_wav, write_wav)
+from microscope_pl.data.framing import SYNTH_FRAMING
 from microscope_pl.data.video_io import VideoWriter
 
 FPS = 25
@@ -607,7 +608,8 @@ def synthesize(out: str | Path, videos: int = 8, size: int = 128, seconds: float
                 "size": size, "audio_features": audio_features, "audio_dim": extractor.dim,
                 "train": train, "test": test, "seed": seed, "seconds": seconds,
                 "speech": "espeak-ng" if backend == "espeak" else "syllables",
-                "pose_source": "true", "blink_source": "true"}
+                "pose_source": "true", "blink_source": "true",
+                "framing": dict(SYNTH_FRAMING)}  # how the astronaut photo is cropped (_astronaut)
     tmp_manifest = out / ".manifest.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp_manifest, out / "manifest.json")

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "model, then decoded in chunks by the frozen MDCF and streamed to the output file.")
     d = " (default: %(default)s)"
     p.add_argument("--ckpt-path", "--ckpt_path", "--checkpoint", "--ckpt", dest="ckpt_path", default=None,
-                   help="diffusion checkpoint (default: checkpoints/diffusion/best.ckpt, else last.ckpt)")
+                   help="diffusion checkpoint (default: checkpoints/synth/diffusion/best.ckpt, else last.ckpt)")
     p.add_argument("--image", required=True,
                    help="portrait: PNG/JPEG/WebP/BMP file, or 'astronaut' (scikit-image's photo)")
     p.add_argument("--audio", default=None,

@@ -290,14 +290,14 @@ def run_generation(
     """Generate a talking-head video.
 
     Args:
-        checkpoint: a diffusion checkpoint (`checkpoints/diffusion/last.ckpt`); it
+        checkpoint: a diffusion checkpoint (`checkpoints/synth/diffusion/last.ckpt`); it
             carries the frozen FDE + LMAE, so nothing else is needed but PBNet.
         image: portrait file (PNG/JPEG/WebP/BMP) or "astronaut".
         audio: speech, any file ffmpeg reads (also the audio of a video).
         out: output video (.mp4, .mkv or .mov); written to a temporary name and
             renamed when complete, so a failure never leaves a partial file.
         pbnet_checkpoint: PBNet checkpoint; default pbnet/{best,last}.ckpt in the
-            diffusion checkpoint's run folder (checkpoints/pbnet/ for checkpoints/diffusion/).
+            diffusion checkpoint's run folder (checkpoints/synth/pbnet/ for checkpoints/synth/diffusion/).
         seed: seed of the diffusion noise (PBNet uses seed + 1).
         steps: sampling steps; default the checkpoint's sampling.steps (20).
         audio_scale: classifier-free guidance scale of audio; default the checkpoint's.
@@ -348,10 +348,18 @@ def run_generation(
         say(f"note: the model was trained at {TRAINED_FPS} fps; motion at {fps:g} fps is extrapolated")
     dev = resolve_device(device)
     autocast = precision_autocast(precision, dev)  # a bad precision fails before any work
-    square, how = crop_portrait(rgb, size, face_crop)
+    data = record.get("data") or {}
+    square, how = crop_portrait(rgb, size, face_crop, data.get("framing"))
     say(f"portrait {image}: {how}")
+    heard = wave  # what the model hears; the video keeps the recording as it is
+    if data.get("loudness_dbfs") is not None:  # the level the training speech was normalised to
+        from microscope_pl.data.audio import normalize_loudness, speech_level_dbfs
+
+        heard = normalize_loudness(wave, float(data["loudness_dbfs"]))
+        say(f"audio {audio}: speech at {speech_level_dbfs(wave):.1f} dBFS, heard at "
+            f"{data['loudness_dbfs']:g} dBFS like the training data")
     kind = resolve_audio_features(record, audio_features_kind)
-    feats = audio_features(wave, num_frames, kind, audio_dim, fps, dev).cpu()
+    feats = audio_features(heard, num_frames, kind, audio_dim, fps, dev).cpu()
     say(f"audio {audio}: {wave.size / SAMPLE_RATE:.2f} s -> {num_frames} frames of {kind} features")
     pose_t, blink_t, pose_source = motion_conditions(
         pose, reference_pose, feats, audio_dim, checkpoint, pbnet_checkpoint,

@@ -3,11 +3,10 @@
 Both loaders fail with a one-line ValueError naming the file, so the CLI can
 print `error: ...` and exit 2 instead of a traceback.
 
-Portraits are framed the way the training data is: the synthetic data set
-(data/synth.py) crops the astronaut photo so the face box is about 0.41 of the
-frame width, centred a fifth of a face width below the box centre. A
-face-centred crop with the same geometry keeps inference inside the training
-distribution; without a detector we fall back to a centre crop and say so.
+Portraits are framed the way the checkpoint's training data was: its data
+set's framing recipe (data/framing.py; the synthetic set's when a checkpoint
+records none) keeps inference inside the training distribution; without a
+detector we fall back to a centre crop and say so.
 """
 from __future__ import annotations
 
@@ -16,18 +15,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ASTRONAUT = "astronaut"
-
-# Training framing (see data/synth.py `_astronaut`): face width / crop side in
-# [0.36, 0.46], crop centre ~0.2 face widths below the Haar box centre.
-FACE_FRACTION = 0.41
-FACE_CENTRE_SHIFT = 0.2
-DETECT_MAX_SIDE = 640  # detect on a downscaled copy: Haar cost grows with pixels
 
 DEFAULT_MAX_SECONDS = 120.0
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # generation autocast (generate.precision_autocast)
@@ -91,66 +84,51 @@ def _to_rgb(img: "Image.Image") -> np.ndarray:  # noqa: F821 (PIL imported lazil
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
-def detect_face(rgb: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Largest frontal face `(x, y, w, h)` in pixels of `rgb`, or None.
+def portrait_box(rgb: np.ndarray, framing: dict[str, Any] | None = None, face_crop: bool = True
+                 ) -> tuple[tuple[int, int, int], str]:
+    """Square crop ``(x0, y0, side)`` of a portrait by the recipe ``framing``
+    (data/framing.py; None: the synthetic set's) and a note saying how it was found."""
+    from microscope_pl.data.framing import SYNTH_FRAMING, FaceDetector, centre_box, check_recipe, crop_box
 
-    Raises RuntimeError when OpenCV or its Haar cascade is unavailable (the
-    caller falls back to a centre crop and reports why).
-    """
-    import cv2
-
-    cascade_path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
-    cascade = cv2.CascadeClassifier(str(cascade_path))
-    if cascade.empty():
-        raise RuntimeError(f"Haar cascade not found at {cascade_path}")
+    recipe = check_recipe(SYNTH_FRAMING if framing is None else framing)
     h, w = rgb.shape[:2]
-    scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
-    small = rgb if scale == 1.0 else cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                                                interpolation=cv2.INTER_AREA)
-    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    min_face = max(20, min(gray.shape) // 10)
-    if min(gray.shape) < min_face:
-        return None
-    faces = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_face, min_face))
-    if len(faces) == 0:
-        return None
-    x, y, fw, fh = max(faces, key=lambda f: int(f[2]) * int(f[3]))
-    return (round(x / scale), round(y / scale), round(fw / scale), round(fh / scale))
+    box, how = None, "centre crop (face crop disabled)"
+    if not face_crop:
+        pass
+    elif recipe["detector"] == "center":
+        how = "centre crop (the training data was centre-cropped)"
+    else:
+        try:
+            detector = FaceDetector(use_dlib=recipe["detector"] in ("dlib", "mixed"))
+            box = detector.detect_downscaled(rgb) if detector.has_detector else None
+            if not detector.has_detector:
+                how = "centre crop (no face detector: OpenCV's Haar cascade not found)"
+            elif box is None:
+                how = "centre crop (no face detected)"
+            else:
+                found_by = detector.last_source
+                how = f"face crop ({found_by} box {tuple(round(v) for v in box)}"
+                if found_by != recipe["detector"] and recipe["detector"] != "mixed":
+                    how += f"; the training data used {recipe['detector']} boxes ({detector.missing})"
+                how += ")"
+        except (ImportError, RuntimeError, AttributeError) as err:  # no OpenCV
+            how = f"centre crop (face detector unavailable: {_one_line(str(err))})"
+    if box is None:
+        x0, y0, side = centre_box(w, h)
+    else:
+        x0, y0, side = crop_box(box, w, h, recipe["scale"], recipe["offset"])
+    side_px = max(1, min(w, h, int(round(side))))
+    x0_px = int(np.clip(round(x0), 0, w - side_px))
+    y0_px = int(np.clip(round(y0), 0, h - side_px))
+    return (x0_px, y0_px, side_px), how
 
 
-def square_box(shape: tuple[int, ...], face: tuple[int, int, int, int] | None) -> tuple[int, int, int]:
-    """Square crop `(x0, y0, side)` inside an image of `shape` `[H, W, ...]`.
-
-    With a face box the crop follows the training framing (FACE_FRACTION,
-    FACE_CENTRE_SHIFT), shrunk to fit the image and shifted inside it rather
-    than padded (padding would show borders the model never saw).
-    """
-    h, w = shape[:2]
-    if face is None:
-        side = min(h, w)
-        return (w - side) // 2, (h - side) // 2, side
-    x, y, fw, fh = face
-    side = min(h, w, max(1, round(fw / FACE_FRACTION)))
-    cx, cy = x + fw / 2.0, y + fh / 2.0 + FACE_CENTRE_SHIFT * fw
-    x0 = int(np.clip(round(cx - side / 2.0), 0, w - side))
-    y0 = int(np.clip(round(cy - side / 2.0), 0, h - side))
-    return x0, y0, side
-
-
-def crop_portrait(rgb: np.ndarray, size: int, face_crop: bool = True) -> tuple[np.ndarray, str]:
-    """Square-crop and resize a portrait -> (uint8 `[size, size, 3]`, how it was cropped)."""
+def crop_portrait(rgb: np.ndarray, size: int, face_crop: bool = True, framing: dict[str, Any] | None = None
+                  ) -> tuple[np.ndarray, str]:
+    """Square-crop (``portrait_box``) and resize a portrait -> (uint8 `[size, size, 3]`, how it was cropped)."""
     import cv2
 
-    face: tuple[int, int, int, int] | None = None
-    if face_crop:
-        try:
-            face = detect_face(rgb)
-            how = f"face-centred crop (face box {face})" if face else "centre crop (no face detected)"
-        except (ImportError, RuntimeError, AttributeError) as err:  # no OpenCV / cascade
-            how = f"centre crop (face detector unavailable: {_one_line(str(err))})"
-    else:
-        how = "centre crop (face crop disabled)"
-    x0, y0, side = square_box(rgb.shape, face)
+    (x0, y0, side), how = portrait_box(rgb, framing, face_crop)
     square = rgb[y0:y0 + side, x0:x0 + side]
     # INTER_AREA averages when shrinking (no aliasing); cubic when enlarging.
     interp = cv2.INTER_AREA if side >= size else cv2.INTER_CUBIC
@@ -160,18 +138,18 @@ def crop_portrait(rgb: np.ndarray, size: int, face_crop: bool = True) -> tuple[n
     return np.ascontiguousarray(out, dtype=np.uint8), f"{how}: {where}"
 
 
-def load_portrait(path: str | Path, size: int, face_crop: bool = True,
-                  log: LogFn | None = print) -> "torch.Tensor":  # noqa: F821
+def load_portrait(path: str | Path, size: int, face_crop: bool = True, log: LogFn | None = print,
+                  framing: dict[str, Any] | None = None) -> "torch.Tensor":  # noqa: F821
     """Portrait file (or "astronaut") -> float tensor `3 size size` in [0, 1].
 
-    Face-centred square crop when OpenCV finds a face, centre crop otherwise;
-    `log` receives one line saying which.
+    Framed by the recipe ``framing`` when a face is found, centre crop
+    otherwise; `log` receives one line saying which.
     """
     import torch
 
     if size < 1:
         raise ValueError(f"portrait size must be positive, got {size}")
-    square, how = crop_portrait(read_image(path), size, face_crop)
+    square, how = crop_portrait(read_image(path), size, face_crop, framing)
     if log is not None:
         log(f"portrait {path}: {how}")
     return torch.from_numpy(square).permute(2, 0, 1).float().div_(255.0)

@@ -74,11 +74,14 @@ class FDEExtras:
         source_skip: blend the warped source image into the output frame.
         flow_refinement: a dense residual flow from the driving image on top of the region mixture.
         global_alignment: the background affine starts from a Lucas-Kanade registration.
+        registration_init: with global_alignment, start training as that registration
+            (background weight ~0.98, visible pixels copied), so learning begins at its PSNR.
     """
 
     source_skip: bool = False
     flow_refinement: bool = False
     global_alignment: bool = False
+    registration_init: bool = False
 
 
 @dataclass

@@ -39,6 +39,10 @@ from .motion import (BackgroundPredictor, PixelwiseFlowPredictor, RegionPredicto
 
 __all__ = ["FDE", "identity_grid", "warp", "resize_grid", "resize_map"]
 
+# registration_init: +2 on the background logit (its weight ~0.9 -> ~0.98 with 10 regions),
+# occlusion logit 2 (m = sigmoid(2) ~ 0.88: visible pixels mostly copied from the source)
+REGISTRATION_BACKGROUND_LOGIT, REGISTRATION_OCCLUSION_LOGIT = 2.0, 2.0
+
 
 class FDE(nn.Module):
     """Flow-aware dynamics extractor: motion network + warping generator.
@@ -79,6 +83,11 @@ class FDE(nn.Module):
             A CNN regressing global motion from scratch needs long training;
             the registration gives it from the first step. Not in MRAA (off
             by default).
+        registration_init: (needs ``global_alignment``) initialise the mask
+            head so the background motion takes ~0.98 of the mixture and the
+            occlusion head so visible pixels are copied (m ~ 0.88): the
+            untrained FDE then renders the registration, and training starts
+            at its PSNR instead of below it. Not in MRAA (off by default).
     """
 
     def __init__(self, image_channels: int = 3, downsample: int = 4, block_expansion: int = 64,
@@ -86,7 +95,8 @@ class FDE(nn.Module):
                  motion_block_expansion: int = 32, motion_max_features: int = 1024,
                  motion_num_blocks: int = 5, motion_scale: float = 0.25, num_res_blocks: int = 6,
                  norm: str = "group", estimate_background: bool = True, source_skip: bool = False,
-                 flow_refinement: bool = False, global_alignment: bool = False) -> None:
+                 flow_refinement: bool = False, global_alignment: bool = False,
+                 registration_init: bool = False) -> None:
         super().__init__()
         if downsample < 2 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
@@ -94,6 +104,8 @@ class FDE(nn.Module):
             raise ValueError(f"motion_scale must be in (0, 1], got {motion_scale}")
         if num_regions < 1:
             raise ValueError(f"num_regions must be >= 1, got {num_regions}")
+        if registration_init and not global_alignment:
+            raise ValueError("registration_init needs global_alignment (it starts from that registration)")
         self._downsample = downsample
         self.motion_scale = motion_scale
         self.num_regions = num_regions
@@ -109,6 +121,10 @@ class FDE(nn.Module):
         self.flow_predictor = PixelwiseFlowPredictor(
             image_channels, num_regions, motion_block_expansion, motion_max_features,
             motion_num_blocks, norm, refine=flow_refinement)
+        if registration_init:
+            with torch.no_grad():
+                self.flow_predictor.mask.bias[-1] += REGISTRATION_BACKGROUND_LOGIT
+                self.flow_predictor.occlusion.bias.fill_(REGISTRATION_OCCLUSION_LOGIT)
 
         # ---- generator: encoder E, decoder D ----
         levels = int(math.log2(downsample))

@@ -347,3 +347,14 @@ class PixelwiseFlowPredictor(nn.Module):
                 flow = flow + RESIDUAL_GAIN * self.residual(feat).float()
             occlusion = torch.sigmoid(occ_logits.float())
         return {"flow": flow, "occlusion": occlusion, "mask": mask, "sparse": sparse}
+
+
+@torch.no_grad()
+def register_source(src: Tensor, dri: Tensor, size: int = 32) -> Tensor:
+    """The parameter-free baseline for phase 1: ``src`` warped onto ``dri`` (``b 3 H W``) by one
+    global Lucas-Kanade affine found at ``size`` px, i.e. what one affine can explain."""
+    from .blocks import antialias_resize
+
+    affine = lucas_kanade_affine(antialias_resize(src, (size, size)), antialias_resize(dri, (size, size)))
+    h, w = src.shape[-2:]
+    return warp(src, apply_affine(affine, identity_grid(h, w, src.device, src.dtype)[0]))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from microscope_pl.callbacks import NonFiniteLossGuard
 from microscope_pl.metrics.image import image_quality
 from microscope_pl.models.config import to_dict
 from microscope_pl.modules.settings import OptimizerConfig
@@ -25,6 +26,7 @@ class PhaseModule(LightningModule):
     phase: str = ""
     optim: OptimizerConfig
     upstream_record: dict[str, Any] | None = None  # phases.Upstream.record of a downstream phase
+    data_record: dict[str, Any] | None = None  # datasets.data_record of the data it was fitted on
 
     def network_configs(self) -> dict[str, Any]:
         """The settings of every network whose weights this module holds, by name."""
@@ -45,12 +47,21 @@ class PhaseModule(LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def configure_callbacks(self) -> list[Any]:
+        """A NonFiniteLossGuard (NaN/inf-loss steps skipped, 10 in a row stop the run)
+        unless the trainer's callbacks have one (its settings then win)."""
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, NonFiniteLossGuard) for c in trainer.callbacks):
+            return []
+        return [NonFiniteLossGuard()]
+
     # ------------------------------------------------------------ checkpoints
     def checkpoint_record(self) -> dict[str, Any]:
         """`checkpoint["microscope"]`: what downstream phases and generation build from (phases.py)."""
         return {"format": FORMAT, "image_size": self.hparams.get("image_size"),
                 "audio_features": self.hparams.get("audio_features"),
-                "networks": to_dict(self.network_configs()), "upstream": self.upstream_record}
+                "networks": to_dict(self.network_configs()), "upstream": self.upstream_record,
+                "data": self.data_record}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["microscope_phase"] = self.phase
@@ -82,20 +93,33 @@ class PhaseModule(LightningModule):
         self._check_data()
 
     def _check_data(self) -> None:
-        """The data must match the model's image size and audio features."""
+        """Before the first step: the data must match the model's image size, audio
+        features and their width; remember its framing for the checkpoint record."""
         data = getattr(self.trainer, "datamodule", None)
         size = getattr(data, "image_size", None) if data is not None else None
         ours = self.hparams.get("image_size")
         if size is not None and ours is not None and size != ours:
             raise ValueError(f"data.image_size is {size} but model.image_size is {ours}; set both to one value")
-        kind = self.hparams.get("audio_features")
         root = getattr(data, "data_root", None)
-        if kind is not None and root is not None:
-            from microscope_pl.data.datasets import load_manifest
+        if root is None:
+            return
+        from microscope_pl.data.datasets import data_record, load_manifest
 
-            found = load_manifest(root).get("audio_features")
-            if found != kind:
-                raise ValueError(f"model.audio_features is {kind!r} but the data set {root} has {found!r}")
+        found = data_record(load_manifest(root))
+        kind = self.hparams.get("audio_features")
+        if kind is not None and found["audio_features"] != kind:
+            raise ValueError(f"model.audio_features is {kind!r} but the data set {root} has "
+                             f"{found['audio_features']!r}; prepare it with --audio-features {kind} or change the model")
+        for name, config in self.network_configs().items():
+            dim = getattr(config, "audio_dim", None)
+            if dim is not None and found["audio_dim"] is not None and int(dim) != int(found["audio_dim"]):
+                raise ValueError(f"the {name} network takes {dim}-d audio features but the data set {root} has "
+                                 f"{found['audio_dim']}-d {found['audio_features']} features")
+        upstream = (self.upstream_record or {}).get("data") or {}
+        if upstream.get("framing") and found["framing"] and upstream["framing"] != found["framing"]:
+            self.print(f"note: the upstream {self.upstream_record['phase']} was trained on data framed as "
+                       f"{upstream['framing']}, this data set is framed as {found['framing']}")
+        self.data_record = found
 
     # ---------------------------------------------------------------- metrics
     def image_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -65,7 +65,7 @@ class LatentDiffusionModule(PhaseModule):
             optimizer: Adam settings (null: lr 1e-4, constant; warmup_steps also delays the EMA).
             lpips: "auto", "random" or "off".
             mdcf_ckpt_path: upstream checkpoint (phase 2, or phase 1 for latent="fde");
-                default checkpoints/<phase>/{best,last}.ckpt.
+                default checkpoints/<run>/<phase>/{best,last}.ckpt.
             upstream: written into every checkpoint of this phase (leave it empty): the
                 upstream record (path, sha256, network settings). Given, the frozen codec
                 is built from it and its weights come from this module's checkpoint.

@@ -6,6 +6,7 @@ from typing import Any, Optional
 import torch
 
 from microscope_pl.models.config import FDEConfig, from_dict
+from microscope_pl.models.motion import register_source
 from microscope_pl.models.perceptual import EquivarianceLoss
 from microscope_pl.models.visualize import flow_to_color, image_row
 from microscope_pl.modules.base import PhaseModule
@@ -69,6 +70,8 @@ class FDEModule(PhaseModule):
         out = self(source, driving)
         metrics = {"loss": self.loss_fn(out["frame"], driving), **self.image_metrics(out["frame"], driving)}
         metrics["copy_source_psnr"] = self.image_metrics(source, driving)["psnr"]
+        if stage == "test":  # what one global affine explains, for the learned FDE to beat
+            metrics["registration_psnr"] = self.image_metrics(register_source(source, driving), driving)["psnr"]
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=True, batch_size=len(source),
                       prog_bar=stage == "val")
         return out

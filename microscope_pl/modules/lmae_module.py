@@ -54,7 +54,7 @@ class LMAEModule(PhaseModule):
                 loading phase 1 (the "w/o TPC" ablation); null = the paper's two phases.
             optimizer: Adam settings (null: the baseline's lr 2e-4, betas 0.5/0.999, cosine).
             lpips: "auto", "random" or "off" (see FDEModule).
-            fde_ckpt_path: phase-1 checkpoint; default checkpoints/phase1/{best,last}.ckpt.
+            fde_ckpt_path: phase-1 checkpoint; default checkpoints/synth/phase1/{best,last}.ckpt.
             upstream: written into every checkpoint of this phase (leave it empty): the
                 phase-1 record (path, sha256, FDE settings). Given, the frozen FDE is
                 built from it and its weights come from this module's checkpoint.
