@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,12 +27,23 @@ def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, pickle errors, foreign files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason[:160]})") from err
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))  # an object only full unpickling (running code) builds
+        if named:
+            raise CheckpointError(f"{path} is not weights-only: loading it would run the code it names "
+                                  f"({named.group(1)}), so it was refused and never loaded (a checkpoint of "
+                                  "this project holds tensors and plain settings only)") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (not a torch checkpoint)") from None
+    except Exception as err:  # truncated zip, foreign files
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(err)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
     return ckpt
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:160]
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -67,6 +67,10 @@ def apply_run(config: Any) -> None:
         key, upstream = found
         if not model.init_args.get(key) and not model.init_args.get("upstream"):
             model.init_args[key] = str(checkpoint_dir(upstream, run))
+        elif model.init_args.get(key) and Path(model.init_args[key]).is_file():
+            from microscope_pl.checkpointing import read_checkpoint
+
+            read_checkpoint(model.init_args[key])  # one line now, not a parser dump at instantiation
 
 
 def refuse_other_settings(ckpt: dict[str, Any], path: Any, model: Any) -> None:
@@ -140,6 +144,9 @@ def _lightning_cli(argv: list[str] | None) -> int:
             `test --model.init_args.audio_scale 3 --ckpt_path ...` would silently sample
             with the trained scale: settings named on the command line win here."""
             sub = self.config.get("subcommand")
+            path = self.config[sub].get("ckpt_path") if sub else None
+            if path and path not in ("best", "last", "hpc"):
+                read_checkpoint(path)  # refused in one line before Lightning reads its hyper-parameters
             named = {}
             for key in model_args_named(sys.argv[1:] if argv is None else argv):
                 try:

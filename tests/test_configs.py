@@ -204,3 +204,22 @@ def test_every_config_file_is_composed_here() -> None:
     present = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     assert present == used
     assert set(ABLATIONS) == set(ablations.BY_NAME)
+
+
+@pytest.mark.parametrize("variant", sorted(ABLATIONS))
+def test_ablation_config_over_the_real_overlays(variant: str, tmp_path: Path) -> None:
+    """`make ablations ARGS="--data data/real128 --overlays configs/real"` composes every variant."""
+    v = ablations.BY_NAME[variant]
+    plan = ablations.Plan(workdir=tmp_path, data=tmp_path / "data", out=tmp_path / "ablations.md",
+                          variants=[v], budget=4.0, diffusion_budget=6.0, overlays=CONFIGS / "real")
+    if v.upstream:
+        (plan.folder(v.upstream) / "best.ckpt").parent.mkdir(parents=True)
+        (plan.folder(v.upstream) / "best.ckpt").write_bytes(b"")
+    command = ablations.fit_command(v, plan)
+    assert str(CONFIGS / "real" / v.base) in command
+    config = compose(command[4:])
+    size, switch, extras, also = ABLATIONS[variant]
+    assert config["model"]["class_path"] == PHASE_MODULES[v.phase]
+    assert setting(config, "data.holdout_seconds") == 2.0 and setting(config, "data.data_root") == str(plan.data)
+    for key, value in also.items():
+        assert setting(config, key) == value, key
