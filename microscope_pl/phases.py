@@ -269,6 +269,8 @@ def configured_run(configs: Iterable[Path]) -> str:
 
     run = DEFAULT_RUN
     for path in configs:
+        if not Path(path).is_file():  # `fit` itself reports a missing config
+            continue
         data = yaml.safe_load(Path(path).read_text()) or {}
         if isinstance(data, dict) and data.get("run"):
             run = str(data["run"])

@@ -44,7 +44,7 @@ def test_diffusion_validation_logs_a_video(diffusion_ckpt, trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags, scalars = set(), {}
-    for events in (trained / "logs/diffusion").rglob("events.out.tfevents.*"):
+    for events in (trained / "logs/synth/diffusion").rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
         accumulator.Reload()
         tags |= set(accumulator.Tags()["images"])
