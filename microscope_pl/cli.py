@@ -67,10 +67,7 @@ def apply_run(config: Any) -> None:
         key, upstream = found
         if not model.init_args.get(key) and not model.init_args.get("upstream"):
             model.init_args[key] = str(checkpoint_dir(upstream, run))
-        elif model.init_args.get(key) and Path(model.init_args[key]).is_file():
-            from microscope_pl.checkpointing import read_checkpoint
 
-            read_checkpoint(model.init_args[key])  # one line now, not a parser dump at instantiation
 
 
 def refuse_other_settings(ckpt: dict[str, Any], path: Any, model: Any) -> None:
@@ -109,7 +106,12 @@ def _lightning_cli(argv: list[str] | None) -> int:
                                      "logs/<run>/<phase>/, and upstream phases are found in checkpoints/<run>/")
 
         def before_instantiate_classes(self) -> None:
-            apply_run(self.config[self.subcommand])
+            config = self.config[self.subcommand]
+            apply_run(config)
+            model = config.get("model")
+            for key, value in (model.get("init_args") or {}).items() if model is not None else []:
+                if key.endswith("_ckpt_path") and value and Path(value).is_file():
+                    read_checkpoint(value)  # refused in one line now, not in a parser dump at instantiation
 
         def before_fit(self) -> None:
             """Resume from `<checkpoint dir>/last.ckpt` when no ckpt_path is given; either way the
