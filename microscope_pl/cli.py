@@ -69,7 +69,6 @@ def apply_run(config: Any) -> None:
             model.init_args[key] = str(checkpoint_dir(upstream, run))
 
 
-
 def refuse_other_settings(ckpt: dict[str, Any], path: Any, model: Any) -> None:
     """Refuse, in one line, to resume a checkpoint whose network settings, image size or
     audio features are not those of the configured `model`."""

@@ -93,11 +93,9 @@ def portrait_box(rgb: np.ndarray, framing: dict[str, Any] | None = None, face_cr
     recipe = check_recipe(SYNTH_FRAMING if framing is None else framing)
     h, w = rgb.shape[:2]
     box, how = None, "centre crop (face crop disabled)"
-    if not face_crop:
-        pass
-    elif recipe["detector"] == "center":
+    if face_crop and recipe["detector"] == "center":
         how = "centre crop (the training data was centre-cropped)"
-    else:
+    elif face_crop:
         try:
             detector = FaceDetector(use_dlib=recipe["detector"] in ("dlib", "mixed"))
             box = detector.detect_downscaled(rgb) if detector.has_detector else None
