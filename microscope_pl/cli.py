@@ -133,13 +133,6 @@ def _lightning_cli(argv: list[str] | None) -> int:
                     print(f"resuming from {last}", flush=True)
                     config["ckpt_path"] = str(last)
 
-        def before_test(self) -> None:
-            path = self.config_init[self.subcommand].get("ckpt_path")
-            if path and path not in ("best", "last"):
-                read_checkpoint(path)
-
-        before_validate = before_test
-
         def _parse_ckpt_path(self) -> None:
             """Lightning puts a checkpoint's hyper-parameters over the whole config, so
             `test --model.init_args.audio_scale 3 --ckpt_path ...` would silently sample
@@ -147,7 +140,7 @@ def _lightning_cli(argv: list[str] | None) -> int:
             sub = self.config.get("subcommand")
             path = self.config[sub].get("ckpt_path") if sub else None
             if path and path not in ("best", "last", "hpc"):
-                read_checkpoint(path)  # refused in one line before Lightning reads its hyper-parameters
+                read_checkpoint(path)  # test/validate/fit: refused in one line before Lightning reads it
             named = {}
             for key in model_args_named(sys.argv[1:] if argv is None else argv):
                 try:

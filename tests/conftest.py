@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Imported here first, so Lightning's log handler binds to the real stderr and not to the
+# capture of whichever test would import it first (later tests then log to a closed stream).
+import lightning.pytorch  # noqa: F401
 import pytest
 
 

@@ -86,12 +86,17 @@ class FaceDetector:
         return (x * fx, y * fy, bw * fx, bh * fy)
 
 
+def crop_centre(box: Box, offset: tuple[float, float] | list[float]) -> tuple[float, float]:
+    """The recipe's crop centre for face ``box``: the box centre plus ``offset * (w, h)``."""
+    x, y, w, h = box
+    return x + w / 2 + offset[0] * w, y + h / 2 + offset[1] * h
+
+
 def crop_box(box: Box, width: int, height: int, scale: float, offset: tuple[float, float] | list[float]
              ) -> tuple[float, float, float]:
     """The recipe's square ``(x0, y0, side)`` for face ``box`` in a ``width`` x ``height`` image."""
-    x, y, w, h = box
-    side = min(scale * max(w, h), width, height)
-    cx, cy = x + w / 2 + offset[0] * w, y + h / 2 + offset[1] * h
+    side = min(scale * max(box[2], box[3]), width, height)
+    cx, cy = crop_centre(box, offset)
     x0 = float(np.clip(cx - side / 2, 0, width - side))
     y0 = float(np.clip(cy - side / 2, 0, height - side))
     return x0, y0, float(side)

@@ -32,7 +32,7 @@ import numpy as np
 from microscope_pl.data.audio import (LOUDNESS_TARGET_DBFS, SAMPLE_RATE, SILENCE_DBFS, AudioFeatureExtractor,
                                       load_audio, normalize_loudness, rms_dbfs, speech_level_dbfs, write_wav)
 from microscope_pl.data.face_track import SMOOTH_ORDER, SMOOTH_WINDOW, clip_mouth_box, face_track
-from microscope_pl.data.framing import CENTRE_FRAMING, FaceDetector, crop_box
+from microscope_pl.data.framing import CENTRE_FRAMING, FaceDetector, crop_box, crop_centre
 from microscope_pl.data.video_io import VideoWriter, mux_audio
 
 FPS = 25
@@ -173,10 +173,10 @@ def choose_crop(path: Path, info: dict, tools: FaceTools, face_crop: str, crop_s
     x, y, w, h = np.median(np.stack(boxes), axis=0)
     x0, y0, side = crop_box((x, y, w, h), width, height, crop_scale, CROP_OFFSET)
     crop = (_even(x0), _even(y0), _even(side))
-    unshifted = crop_box((x, y, w, h), 10**9, 10**9, crop_scale, CROP_OFFSET)[:2]
+    cx, cy = crop_centre((x, y, w, h), CROP_OFFSET)  # where the crop would sit if the frame allowed it
     framing = {"detector": detector, "scale": crop_scale, "offset": list(CROP_OFFSET), "reference": "box",
                "face_box": [round(float(v), 1) for v in (x, y, w, h)], "detections": len(boxes),
-               "shifted": bool(abs(x0 - unshifted[0]) > 1 or abs(y0 - unshifted[1]) > 1)}
+               "shifted": bool(abs(x0 + side / 2 - cx) > 1 or abs(y0 + side / 2 - cy) > 1)}
     return crop, f"face crop from {len(boxes)} {detector} detections", framing
 
 
