@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any
 
 import torch
@@ -123,3 +124,43 @@ def last_checkpoint(trainer: Trainer) -> tuple[str | None, int | None]:
             rel = os.path.relpath(path)
             return (rel if not rel.startswith("..") else path), step
     return None, None
+
+
+class TimedLastCheckpoint(Callback):
+    """Also write each save_last ModelCheckpoint's `last.ckpt` every `minutes` of wall-clock
+    training, so a killed run loses at most that much, however slow its steps are.
+
+    Rank 0's clock decides for all ranks (saving is collective). No save during a
+    non-finite streak (NonFiniteLossGuard), so `last.ckpt` keeps the weights of before it.
+    The write goes through the trainer's checkpoint IO (atomic, modules/checkpoint_io.py).
+
+    Args:
+        minutes: wall-clock interval between saves (> 0).
+    """
+
+    def __init__(self, minutes: float = 5.0) -> None:
+        if not minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {minutes}")
+        self.minutes = float(minutes)
+        self._since = time.monotonic()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._since = time.monotonic()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        due = time.monotonic() - self._since >= self.minutes * 60.0
+        if not trainer.strategy.broadcast(due, src=0):
+            return
+        if any(getattr(c, "streak", 0) for c in trainer.callbacks if isinstance(c, NonFiniteLossGuard)):
+            return
+        for callback in trainer.checkpoint_callbacks:
+            dirpath = getattr(callback, "dirpath", None)
+            if getattr(callback, "save_last", False) and dirpath:
+                # its last_model_path goes into the state saved, so the resumed callback writes
+                # last.ckpt again (not a last-v1.ckpt beside a file it would not know as its own)
+                callback.last_model_path = os.path.join(dirpath, "last.ckpt")
+                trainer.save_checkpoint(callback.last_model_path)
+        self._since = time.monotonic()

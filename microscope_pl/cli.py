@@ -112,6 +112,17 @@ def _lightning_cli(argv: list[str] | None) -> int:
                 if key.endswith("_ckpt_path") and value and Path(value).is_file():
                     read_checkpoint(value)  # refused in one line now, not in a parser dump at instantiation
 
+        def _run_subcommand(self, subcommand: str) -> None:
+            """`fit` holds its checkpoint folders (run_lock) from before the resume check to the end,
+            so a second run into the same folder refuses in one line; rank 0 holds them for all."""
+            from microscope_pl.run_lock import holding
+
+            folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+            if subcommand != "fit" or self.trainer.global_rank != 0 or self.trainer.fast_dev_run:
+                folders = []
+            with holding(folders):
+                super()._run_subcommand(subcommand)
+
         def before_fit(self) -> None:
             """Resume from `<checkpoint dir>/last.ckpt` when no ckpt_path is given; either way the
             checkpoint's settings must be the config's."""

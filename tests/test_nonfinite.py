@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from microscope_pl.callbacks import NonFiniteLossError, NonFiniteLossGuard
+from microscope_pl.callbacks import NonFiniteLossError, NonFiniteLossGuard, TimedLastCheckpoint
 from microscope_pl.modules.base import PhaseModule
 
 
@@ -86,9 +86,10 @@ def test_a_streak_stops_the_run_naming_steps_and_untouched_last_ckpt(tmp_path, m
 
 
 def test_phase_modules_get_a_guard_unless_configured() -> None:
-    (guard,) = PhaseModule.configure_callbacks(SimpleNamespace(_trainer=None))
+    guard, timed = PhaseModule.configure_callbacks(SimpleNamespace(_trainer=None))
     assert isinstance(guard, NonFiniteLossGuard) and guard.max_consecutive == 10
+    assert isinstance(timed, TimedLastCheckpoint) and timed.minutes == 5.0
     configured = SimpleNamespace(_trainer=SimpleNamespace(callbacks=[NonFiniteLossGuard(3)]))
-    assert PhaseModule.configure_callbacks(configured) == []
+    assert [type(c) for c in PhaseModule.configure_callbacks(configured)] == [TimedLastCheckpoint]
     with pytest.raises(ValueError, match="max_consecutive must be >= 1"):
         NonFiniteLossGuard(0)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from microscope_pl.callbacks import NonFiniteLossGuard
+from microscope_pl.callbacks import NonFiniteLossGuard, TimedLastCheckpoint
 from microscope_pl.metrics.image import image_quality
 from microscope_pl.models.config import to_dict
 from microscope_pl.modules.settings import OptimizerConfig
@@ -48,12 +48,12 @@ class PhaseModule(LightningModule):
         self._step(batch, "test")
 
     def configure_callbacks(self) -> list[Any]:
-        """A NonFiniteLossGuard (NaN/inf-loss steps skipped, 10 in a row stop the run)
-        unless the trainer's callbacks have one (its settings then win)."""
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(c, NonFiniteLossGuard) for c in trainer.callbacks):
-            return []
-        return [NonFiniteLossGuard()]
+        """The fault defaults, each unless the trainer's callbacks have one (its settings then win):
+        a NonFiniteLossGuard (NaN/inf-loss steps skipped, 10 in a row stop the run) and a
+        TimedLastCheckpoint (last.ckpt also every 5 minutes of wall clock)."""
+        configured = self._trainer.callbacks if self._trainer is not None else []
+        defaults = [NonFiniteLossGuard(), TimedLastCheckpoint(minutes=5.0)]
+        return [d for d in defaults if not any(isinstance(c, type(d)) for c in configured)]
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_record(self) -> dict[str, Any]:
