@@ -162,5 +162,5 @@ class TimedLastCheckpoint(Callback):
                 # its last_model_path goes into the state saved, so the resumed callback writes
                 # last.ckpt again (not a last-v1.ckpt beside a file it would not know as its own)
                 callback.last_model_path = os.path.join(dirpath, "last.ckpt")
-                trainer.save_checkpoint(callback.last_model_path)
+                trainer.save_checkpoint(callback.last_model_path, weights_only=False)  # full state: it resumes
         self._since = time.monotonic()

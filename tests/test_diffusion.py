@@ -189,3 +189,27 @@ def test_mouth_loss_weights_cover_the_cells_under_the_box() -> None:
     heavy = (weights[0, 0, 0] > 1).nonzero().tolist()
     assert heavy == [[r, c] for r in (5, 6) for c in (2, 3, 4, 5)]  # rows 80-112, columns 32-96 px
     assert float(weights[0].max()) == 11.0 and bool((weights[1] == 1).all())  # no box: the plain loss
+
+
+def test_guidance_reuse_costs_1_5_forwards_per_step_and_adds_the_last_correction() -> None:
+    class Shifted(_Probe):  # u = x, a = x + 1, f = x + 3
+        def forward(self, x, *args):
+            return x + super().forward(x, *args)
+
+    conds = (None, torch.zeros(1, 1, 1), None, None)
+    fn = guided_model_fn(Shifted(), *conds, audio_scale=4.0, motion_scale=1.0, guidance_every=4)
+    t = torch.zeros(1, dtype=torch.long)
+    x0 = torch.full((1, 1, 1), 2.0)
+    first = fn(x0, t)  # all three branches: u + 4 (a - u) + (f - a) = x + 6
+    torch.testing.assert_close(first, x0 + 6.0)
+    x1 = torch.full((1, 1, 1), -5.0)
+    torch.testing.assert_close(fn(x1, t), (x1 + 3.0) + (first - (x0 + 3.0)))  # f alone + the kept correction
+    for _ in range(18):
+        fn(x1, t)
+    assert fn.calls == 20 and fn.forwards == 5 * 3 + 15  # 1.5 per step
+    every_step = guided_model_fn(Shifted(), *conds, audio_scale=4.0, motion_scale=1.0, guidance_every=1)
+    for _ in range(20):
+        every_step(x1, t)
+    assert every_step.forwards == 60
+    with pytest.raises(ValueError, match="guidance_every must be >= 1"):
+        guided_model_fn(Shifted(), *conds, guidance_every=0)

@@ -121,3 +121,30 @@ def test_gif_has_every_frame():
     frames = torch.rand(5, 3, 16, 24)
     image = Image.open(BytesIO(gif_bytes(frames, fps=25)))
     assert image.size == (24, 16) and image.n_frames == 5
+
+
+def test_demo_builds_its_cache_once_per_phase2_checkpoint(trained, synth_root, tmp_path, monkeypatch, capsys):
+    """`make demo` trains diffusion from a latent cache: made after phase 2, kept while phase 2's
+    checkpoint is the same file, rebuilt when it changes."""
+    import shutil
+
+    from microscope_pl import demo
+
+    work = tmp_path / "work"
+    shutil.copytree(trained / "checkpoints", work / "checkpoints")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(demo, "DATA_ROOT", synth_root)
+    monkeypatch.setattr(demo, "LATENT_CACHE", tmp_path / "latents.pt")
+    path = demo.ensure_latent_cache(references=1)
+    cache = load_cache(path)
+    assert cache["upstream"]["phase"] == "phase2" and len(next(iter(cache["videos"].values()))["ref_indices"]) == 1
+    assert "MDCF latents of the training videos" in capsys.readouterr().out
+    stamp = path.stat().st_mtime_ns
+    demo.ensure_latent_cache(references=1)
+    assert "kept" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
+    phase2 = demo.find_checkpoint("phase2")
+    state = torch.load(phase2, weights_only=True)
+    state["global_step"] += 1  # another phase-2 checkpoint
+    torch.save(state, phase2)
+    demo.ensure_latent_cache(references=1)
+    assert "MDCF latents" in capsys.readouterr().out and path.stat().st_mtime_ns != stamp

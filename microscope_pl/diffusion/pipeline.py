@@ -93,13 +93,14 @@ class TalkingHeadPipeline(nn.Module):
         self, batch: Batch, generator: torch.Generator | None = None, steps: int | None = None,
         audio_scale: float | None = None, motion_scale: float | None = None, drop_audio: bool = False,
         progress: Callable[[int, int], None] | None = None, sampler: str | None = None,
+        guidance_every: int | None = None,
     ) -> Tensor:
         """Denoise all N frames together (non-autoregressive); normalised latents `b c n h w`.
 
         `batch` holds reference `b 3 H W`, audio `b n d`, pose `b n 6`, blink `b n 2`.
         `drop_audio` samples with the learned null audio token (motion kept): the
-        "no audio" control of the test. Unset scales, steps and sampler ("ddim", "dpm")
-        take `self.sampling`.
+        "no audio" control of the test. Unset scales, steps, sampler ("ddim", "dpm") and
+        guidance_every take `self.sampling`.
         """
         cfg = self.sampling
         cond = self.conditions(batch)
@@ -113,7 +114,8 @@ class TalkingHeadPipeline(nn.Module):
             model_fn = guided_model_fn(
                 self.denoiser, cond["image_cond"], cond["audio"], cond["pose"], cond["blink"],
                 audio_scale=cfg.audio_scale if audio_scale is None else audio_scale,
-                motion_scale=cfg.motion_scale if motion_scale is None else motion_scale, batch_branches=n <= 64)
+                motion_scale=cfg.motion_scale if motion_scale is None else motion_scale, batch_branches=n <= 64,
+                guidance_every=cfg.guidance_every if guidance_every is None else guidance_every)
         name = sampler or cfg.sampler
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
