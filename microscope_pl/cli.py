@@ -96,7 +96,8 @@ def _lightning_cli(argv: list[str] | None) -> int:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    from microscope_pl.checkpointing import read_checkpoint
+    from microscope_pl.checkpointing import CheckpointError, read_checkpoint
+    from microscope_pl.phases import find_checkpoint, phase_of_module, read_phase_checkpoint, upstream_argument
 
     class MicroscopeCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
@@ -108,9 +109,12 @@ def _lightning_cli(argv: list[str] | None) -> int:
             config = self.config[self.subcommand]
             apply_run(config)
             model = config.get("model")
-            for key, value in (model.get("init_args") or {}).items() if model is not None else []:
-                if key.endswith("_ckpt_path") and value and Path(value).is_file():
-                    read_checkpoint(value)  # refused in one line now, not in a parser dump at instantiation
+            init_args = (model.get("init_args") or {}) if model is not None else {}
+            found = upstream_argument(model.get("class_path", ""), init_args) if model is not None else None
+            if found and init_args.get(found[0]) and not init_args.get("upstream"):
+                # missing, truncated, not weights-only or of another phase: one line now, not a
+                # parser dump when the module is instantiated
+                read_phase_checkpoint(find_checkpoint(found[1], init_args[found[0]]), found[1])
 
         def _run_subcommand(self, subcommand: str) -> None:
             """`fit` holds its checkpoint folders (run_lock) from before the resume check to the end,
@@ -151,7 +155,14 @@ def _lightning_cli(argv: list[str] | None) -> int:
             sub = self.config.get("subcommand")
             path = self.config[sub].get("ckpt_path") if sub else None
             if path and path not in ("best", "last", "hpc"):
-                read_checkpoint(path)  # test/validate/fit: refused in one line before Lightning reads it
+                # test/validate/fit: refused in one line before Lightning reads it (its parser would dump
+                # the whole namespace for a checkpoint of another phase)
+                theirs = read_checkpoint(path).get("microscope_phase")
+                model = self.config[sub].get("model")
+                ours = phase_of_module(model.get("class_path", "")) if model is not None else None
+                if ours is not None and theirs != ours:
+                    raise CheckpointError(f"{path} is a {theirs or 'foreign'} checkpoint, this config's model "
+                                          f"is {ours}; pass a {ours} checkpoint or that phase's config")
             named = {}
             for key in model_args_named(sys.argv[1:] if argv is None else argv):
                 try:
