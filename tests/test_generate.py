@@ -134,6 +134,7 @@ BAD_INPUTS = {
     "too-long audio": (["--max-seconds", "1"], "more than --max-seconds 1"),
     "phase-1 checkpoint": (["--checkpoint", "{phase1}"], "is a phase1 checkpoint, expected a diffusion checkpoint"),
     "wrong resolution": (["--resolution", "128"], "--resolution 128 does not match the checkpoint's image_size 64"),
+    "guidance every 0": (["--guidance-every", "0"], "--guidance-every must be at least 1, got 0"),
 }
 
 

@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="guidance scale of the audio condition (default: the checkpoint's)")
     p.add_argument("--motion-scale", type=float, default=None,
                    help="guidance scale of pose/blink (default: the checkpoint's)")
+    p.add_argument("--guidance-every", type=int, default=None, metavar="K",
+                   help="evaluate the guidance branches every K-th step and reuse their correction between "
+                        "(1: every step; default: the checkpoint's, 4)")
     p.add_argument("--resolution", type=int, default=None,
                    help="frame size; must equal the checkpoint's image_size (default: that size)")
     p.add_argument("--fps", type=float, default=25.0, help="frame rate (the models are trained at 25)" + d)
@@ -92,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `run_generation` keyword options shared by a single run and every batch row."""
     return dict(pbnet_checkpoint=args.pbnet_ckpt_path, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                audio_scale=args.audio_scale, motion_scale=args.motion_scale, resolution=args.resolution,
+                audio_scale=args.audio_scale, motion_scale=args.motion_scale, guidance_every=args.guidance_every,
+                resolution=args.resolution,
                 fps=args.fps, pose=args.pose, reference_pose=args.reference_pose, blink=args.blink,
                 pose_scale=args.pose_scale, pose_video=args.pose_video, blink_video=args.blink_video,
                 paste_back=args.paste_back, decode_chunk=args.decode_chunk, device=args.device,

@@ -188,7 +188,7 @@ def _to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def _check_options(out: Path, fps: float, decode_chunk: int, steps: int | None, max_seconds: float,
-                   sampler: str | None) -> None:
+                   sampler: str | None, guidance_every: int | None = None) -> None:
     """Cheap argument checks, before anything is loaded."""
     if out.suffix.lower() not in CONTAINERS:
         raise ValueError(f"--out {out} must end in {', '.join(CONTAINERS)} (H.264 video with AAC audio)")
@@ -204,6 +204,8 @@ def _check_options(out: Path, fps: float, decode_chunk: int, steps: int | None, 
         raise ValueError(f"--max-seconds must be positive, got {max_seconds}")
     if sampler is not None and sampler not in SAMPLER_NAMES:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLER_NAMES)}, got {sampler!r}")
+    if guidance_every is not None and guidance_every < 1:
+        raise ValueError(f"--guidance-every must be at least 1, got {guidance_every}")
 
 
 class _Stages:
@@ -278,6 +280,7 @@ def run_generation(
     sampler: str | None = None,
     audio_scale: float | None = None,
     motion_scale: float | None = None,
+    guidance_every: int | None = None,
     resolution: int | None = None,
     fps: float = TRAINED_FPS,
     pose: str | None = None,
@@ -315,6 +318,8 @@ def run_generation(
         sampler: "ddim" or "dpm" (DPM-Solver++ 2M); default the checkpoint's.
         audio_scale: classifier-free guidance scale of audio; default the checkpoint's.
         motion_scale: guidance scale of pose/blink; default the checkpoint's.
+        guidance_every: guidance branches every k-th step, their correction reused between
+            (samplers.guided_model_fn); default the checkpoint's (4).
         resolution: must equal the checkpoint's image_size when given.
         fps: output frame rate; N = round(duration * fps) frames.
         pose: "pbnet" (sampled from the audio), "still" (the portrait's pose), "video"
@@ -350,7 +355,7 @@ def run_generation(
     say: LogFn = log or (lambda msg: None)
     out = Path(out)
     pose = resolve_pose(None if pose is None else str(pose), None if pose_video is None else str(pose_video))
-    _check_options(out, fps, decode_chunk, steps, max_seconds, sampler)
+    _check_options(out, fps, decode_chunk, steps, max_seconds, sampler, guidance_every)
     check_motion_options(pose, blink, pose_scale, pose_video, blink_video, reference_pose)
     if save_motion is not None and Path(save_motion).suffix.lower() != ".npy":
         raise ValueError(f"--save-motion {save_motion} must end in .npy")
@@ -402,6 +407,7 @@ def run_generation(
         stages.start("denoise", total_steps)
         z = pipeline.sample_latents(batch, generator=torch.Generator().manual_seed(seed), steps=total_steps,
                                     audio_scale=audio_scale, motion_scale=motion_scale, sampler=sampler_name,
+                                    guidance_every=guidance_every,
                                     progress=lambda i, n: stages.update("denoise", i + 1, n))
         _sync(dev)
         denoised = time.perf_counter()
