@@ -5,6 +5,7 @@ per-frame and clip-level mouth boxes, all lightly smoothed in time."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import cv2
 import numpy as np
@@ -149,3 +150,41 @@ def face_track(points: list[np.ndarray | None], boxes: list[tuple | None], work:
                          (b[:, 1] + b[:, 3] / 2) / work - 0.5], axis=1)
     pose = np.concatenate([np.zeros((len(b), 3)), smooth_track(geometry)], axis=1)
     return {"pose": pose.astype(np.float32), "blink": np.zeros((len(b), 2), np.float32)}
+
+
+class FaceFollower:
+    """Face box and 68 landmarks frame by frame (`data prepare` and `generate --pose-video`).
+
+    `tools` detects faces and fits landmarks (prepare.FaceTools). A frame without a
+    detection (a turned head, a hand) keeps the last detected box, moved by the
+    landmarks' motion since that detection. `points`, `boxes` and `hits` (frames
+    with a detection) grow with every `add`.
+    """
+
+    def __init__(self, tools: Any) -> None:
+        self.tools = tools
+        self.points: list[np.ndarray | None] = []
+        self.boxes: list[tuple | None] = []
+        self.hits = 0
+        self._det_box: tuple | None = None
+        self._det_centre: np.ndarray | None = None  # landmark centroid of the frame _det_box was found in
+        self._last_pts: np.ndarray | None = None
+
+    def add(self, frame: np.ndarray) -> None:
+        """Track one RGB frame (C-contiguous)."""
+        tools = self.tools
+        found = tools.detect(frame, large_face=True) if tools.has_detector else []
+        box = self._det_box
+        if found:
+            self.hits += 1
+            box = self._det_box = found[0]
+        elif self._det_box is not None and self._det_centre is not None and self._last_pts is not None:
+            dx, dy = self._last_pts.mean(axis=0) - self._det_centre
+            box = (box[0] + dx, box[1] + dy, box[2], box[3])
+        pts = tools.landmarks(frame, box) if box is not None and tools.has_landmarks else None
+        if pts is not None:
+            if found:
+                self._det_centre = pts.mean(axis=0)
+            self._last_pts = pts
+        self.points.append(pts)
+        self.boxes.append(box)

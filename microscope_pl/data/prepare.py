@@ -31,7 +31,7 @@ import numpy as np
 
 from microscope_pl.data.audio import (LOUDNESS_TARGET_DBFS, SAMPLE_RATE, SILENCE_DBFS, AudioFeatureExtractor,
                                       load_audio, normalize_loudness, rms_dbfs, speech_level_dbfs, write_wav)
-from microscope_pl.data.face_track import SMOOTH_ORDER, SMOOTH_WINDOW, clip_mouth_box, face_track
+from microscope_pl.data.face_track import SMOOTH_ORDER, SMOOTH_WINDOW, FaceFollower, clip_mouth_box, face_track
 from microscope_pl.data.framing import CENTRE_FRAMING, FaceDetector, crop_box, crop_centre
 from microscope_pl.data.video_io import VideoWriter, mux_audio
 
@@ -229,35 +229,16 @@ def _process(path: Path, folder: Path, name: str, tools: FaceTools, extractor: A
     x0, y0, side = crop
     work = max(size, 256)  # detect and fit landmarks at >= 256 px even for small outputs
     filters = f"fps={FPS},crop={side}:{side}:{x0}:{y0},scale={work}:{work}:flags=area"
-    points: list[np.ndarray | None] = []
-    boxes: list[tuple | None] = []
-    hits = 0
-    det_box: tuple | None = None
-    det_centre: np.ndarray | None = None  # landmark centroid of the frame det_box was detected in
-    last_pts: np.ndarray | None = None
+    follower = FaceFollower(tools)
     silent = folder / "video_noaudio.mp4"
     with VideoWriter(silent, FPS, size, crf=18) as writer:
         for frame in _frames(path, filters, work, work, info.get("limit")):
             frame = np.ascontiguousarray(frame)
             small = frame if work == size else cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
             writer.write(small)
-            found = tools.detect(frame, large_face=True) if tools.has_detector else []
-            box = det_box
-            if found:
-                hits += 1
-                box = det_box = found[0]
-            elif det_box is not None and det_centre is not None and last_pts is not None:
-                # Missed (a turned head, a hand): follow the face by the landmarks' motion since the detection.
-                dx, dy = last_pts.mean(axis=0) - det_centre
-                box = (det_box[0] + dx, det_box[1] + dy, det_box[2], det_box[3])
-            pts = tools.landmarks(frame, box) if box is not None and tools.has_landmarks else None
-            if pts is not None:
-                if found:
-                    det_centre = pts.mean(axis=0)
-                last_pts = pts
-            points.append(pts)
-            boxes.append(box)
+            follower.add(frame)
     frames = writer.frames_written
+    points, boxes, hits = follower.points, follower.boxes, follower.hits
     if frames < opts.min_seconds * FPS:
         raise ValueError(f"too short ({frames} frames < {opts.min_seconds} s at {FPS} fps)")
     if tools.has_detector and hits < opts.min_face_fraction * frames:

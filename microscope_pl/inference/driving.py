@@ -104,29 +104,14 @@ def _crop(path: Path, info: dict[str, Any], recipe: dict[str, Any], seconds: flo
 
 def _track_landmarks(frames: Any, tools: Any) -> tuple[list, list, int, int]:
     """Per-frame landmarks and face boxes of face-centred crops (`data prepare`'s
-    tracking: a frame without a detection follows the face by its landmarks' motion).
+    tracking, data.face_track.FaceFollower). Returns (points, boxes, frames read,
+    frames with a detection)."""
+    from microscope_pl.data.face_track import FaceFollower
 
-    Returns (points, boxes, frames read, frames with a detection)."""
-    points: list[np.ndarray | None] = []
-    boxes: list[tuple | None] = []
-    hits, det_box, det_centre, last_pts = 0, None, None, None
+    follower = FaceFollower(tools)
     for frame in frames:
-        frame = np.ascontiguousarray(frame)
-        found = tools.detect(frame, large_face=True)
-        box = det_box
-        if found:
-            hits += 1
-            box = det_box = found[0]
-        elif det_box is not None and det_centre is not None and last_pts is not None:
-            dx, dy = last_pts.mean(axis=0) - det_centre
-            box = (det_box[0] + dx, det_box[1] + dy, det_box[2], det_box[3])
-        pts = tools.landmarks(frame, box) if box is not None and tools.has_landmarks else None
-        if pts is not None:
-            det_centre = pts.mean(axis=0) if found else det_centre
-            last_pts = pts
-        points.append(pts)
-        boxes.append(box)
-    return points, boxes, len(points), hits
+        follower.add(np.ascontiguousarray(frame))
+    return follower.points, follower.boxes, len(follower.points), follower.hits
 
 
 def video_motion(path: str | Path, num_frames: int, fps: float, framing: dict[str, Any] | None = None,
