@@ -213,3 +213,18 @@ def test_guidance_reuse_costs_1_5_forwards_per_step_and_adds_the_last_correction
     assert every_step.forwards == 60
     with pytest.raises(ValueError, match="guidance_every must be >= 1"):
         guided_model_fn(Shifted(), *conds, guidance_every=0)
+
+
+def test_ema_decay_warms_up_after_the_lr_warmup() -> None:
+    from types import SimpleNamespace
+
+    from microscope_pl.modules.diffusion_module import LatentDiffusionModule
+
+    def decay(step: int) -> float:
+        module = SimpleNamespace(global_step=step, optim=SimpleNamespace(warmup_steps=50),
+                                 hparams=SimpleNamespace(ema_decay=0.995))
+        return LatentDiffusionModule.ema_decay_now(module)  # type: ignore[arg-type]
+
+    assert decay(10) == 0.0 and decay(50) == 0.0  # a copy during the warmup
+    assert abs(decay(51) - 2 / 11) < 1e-12 and abs(decay(250) - 201 / 210) < 1e-12  # ~the last s/10 steps
+    assert decay(10_000) == 0.995  # capped at the configured decay

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microscope_pl.models.blocks import apply_affine, identity_grid, resize_grid, warp
+from microscope_pl.models.blocks import apply_affine, identity_grid, nearest_upsample_conv, resize_grid, warp
 from microscope_pl.models.fde import FDE
 from microscope_pl.models.motion import compose_affines, covariance_to_affine, lucas_kanade_affine
 from microscope_pl.models.visualize import flow_to_color, image_row
@@ -307,3 +307,31 @@ def test_bf16_autocast_keeps_coordinates_in_float32() -> None:
     x = torch.rand(1, 4, 16, 16)
     grid = identity_grid(16, 16)
     assert torch.allclose(warp(x.bfloat16(), grid).float(), x, atol=1e-2)
+
+
+@pytest.mark.parametrize("size", [None, (10, 14), (11, 14)])
+def test_nearest_upsample_conv_equals_upsample_then_conv(size) -> None:
+    # exact 2x runs as four 2x2 convs at the source size; (11, 14) is not 2x and takes the plain path
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    out = nearest_upsample_conv(x, conv, size)
+    ref = conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+    refs = torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))
+    assert all(torch.allclose(g, r, atol=1e-4) for g, r in zip(grads, refs))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nearest_upsample_conv(x, conv, size).dtype == torch.bfloat16
+
+
+def test_bf16_decoding_stays_close_to_float32() -> None:
+    fde = tiny_fde().eval()
+    src, dri = torch.rand(1, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        feats, dyn = fde.encode(src), fde.dynamics(src.expand(3, -1, -1, -1), dri)
+        ref = fde.decode(feats, dyn)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fde.decode(feats, dyn)
+    assert out.dtype == torch.float32  # the last conv's output is cast up before the sigmoid
+    assert 10 * torch.log10(1 / (out - ref).square().mean()) > 40  # dB

@@ -271,3 +271,16 @@ def test_generation_frames_and_levels_like_the_checkpoints_data(env: dict[str, P
     assert box[2] < synth_box[2]  # 1.6 x the face box instead of 2.44 x
     assert any(f"{box[2]}x{box[2]} at ({box[0]}, {box[1]})" in m for m in messages), messages
     assert any("heard at -23 dBFS like the training data" in m for m in messages), messages
+
+
+def test_auto_precision_decodes_in_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from microscope_pl.inference import generate as gen
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(gen, "cpu_has_bf16", lambda native=native: native)
+        assert gen.resolve_precision("auto", cpu, "denoise") == "fp32"
+        assert gen.resolve_precision("auto", cpu, "decode") == ("bf16" if native else "fp32")
+        assert gen.resolve_precision("fp32", cpu, "decode") == "fp32" and gen.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="stage must be"):
+        gen.resolve_precision("auto", cpu, "encode")

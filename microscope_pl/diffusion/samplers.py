@@ -279,13 +279,25 @@ def guided_model_fn(
     """
     if guidance_every < 1:
         raise ValueError(f"guidance_every must be >= 1, got {guidance_every}")
+    plan = guidance_plan(audio_scale, motion_scale)
+    return GuidedModel(model, (image_cond, audio, pose, blink), plan, batch_branches, guidance_every)
+
+
+def guidance_plan(audio_scale: float, motion_scale: float | None) -> list[tuple[tuple[bool, bool], float]]:
+    """The branches of :func:`guided_model_fn` with a non-zero weight: ((drop audio, drop motion), weight)."""
     if motion_scale is None:
         plan = [((True, True), 1 - audio_scale), ((False, False), audio_scale)]
     else:
         plan = [((True, True), 1 - audio_scale), ((False, True), audio_scale - motion_scale),
                 ((False, False), motion_scale)]
-    plan = [(drops, w) for drops, w in plan if w != 0]
-    return GuidedModel(model, (image_cond, audio, pose, blink), plan, batch_branches, guidance_every)
+    return [(drops, w) for drops, w in plan if w != 0]
+
+
+def full_guidance_steps(plan: list[tuple[tuple[bool, bool], float]], steps: int, guidance_every: int) -> list[bool]:
+    """Per sampling step (one model call each), whether :class:`GuidedModel` evaluates every
+    branch of ``plan`` (True) or the full-condition branch plus the kept correction (False)."""
+    reuse = guidance_every > 1 and len(plan) > 1 and GuidedModel.FULL in [d for d, _ in plan]
+    return [not reuse or i % guidance_every == 0 for i in range(steps)]
 
 
 class GuidedModel:

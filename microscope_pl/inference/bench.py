@@ -6,12 +6,14 @@ clips affordable. Cost does not depend on the weights, so networks are built
 with random weights at the widths of configs/{diffusion,phase1_fde,phase2_lmae}.yaml
 (what we train) and run exactly as `generate` runs them:
 
-- denoising: the full clip through `--steps` DDIM steps (guidance scales 1:
-  one forward per step); the time per step is scaled to the configured
-  sampling steps (20) and the report says so;
+- denoising: the full clip through `--steps` steps of the configured sampler
+  and guidance (`--guidance off`: one forward per step); full-guidance and
+  reuse steps are timed apart and projected to the configured sampling steps
+  (20), and the report says so;
 - decoding: the first `--decode-sample-chunks` chunks of `decode_chunk` frames
   (LMAE + FDE decode and uint8 conversion, no H.264 encoding), extrapolated
-  to the clip length, also said in the report;
+  to the clip length, also said in the report; the real-time factor is the
+  projected generation time over the clip's length at 25 fps;
 - training: forward + backward + Adam step of the denoiser on a 20-frame clip
   at batch 1 (clip encoded online by the frozen codec, as in training).
 
@@ -48,8 +50,9 @@ SMOKE_WIDTHS: dict[str, dict[str, Any]] = {
     "lmae": {"latent_channels": 4, "num_down": 3, "base_channels": 8, "channel_mult": [1, 1, 1, 1],
              "num_res_blocks": 1, "norm_groups": 4, "mid_attention": False},
     "schedule": {"num_train_steps": 1000, "schedule": "cosine", "prediction": "eps"},
-    "sampling": {"sampler": "ddim", "steps": 20, "decode_chunk": 16},
+    "sampling": {"sampler": "ddim", "steps": 20, "audio_scale": 4.0, "guidance_every": 4, "decode_chunk": 16},
 }
+CLIP_FPS = 25  # the real-time factor is generation seconds over the clip's seconds at the trained frame rate
 
 
 # ================================================================ CLI
@@ -68,14 +71,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--latents", nargs="+", choices=LATENTS, default=list(LATENTS),
                    help="mdcf: 4 x H/32 (paper); fde: 3 x H/4 dynamics (DAWN-style baseline)" + d)
     p.add_argument("--mem-cap-gb", type=float, default=20.0, help="memory cap per case (process RSS)" + d)
-    p.add_argument("--steps", type=int, default=2, help="denoising steps actually run (scaled to the sampling steps)" + d)
+    p.add_argument("--steps", type=int, default=2,
+                   help="denoising steps actually run (projected to the sampling steps; 2 times a full-guidance "
+                        "and a reuse step)" + d)
+    p.add_argument("--guidance", choices=("config", "off"), default="config",
+                   help="config: the sampling section's guidance scales and reuse, as `generate` runs them; "
+                        "off: one forward per step" + d)
     p.add_argument("--decode-sample-chunks", type=int, default=4,
                    help="decoder chunks timed, then extrapolated" + d)
     p.add_argument("--train-steps", type=int, default=2, help="training steps timed (the last one is reported)" + d)
     p.add_argument("--timeout-s", type=float, default=1800.0, help="wall-time limit per case" + d)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto" + d)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="autocast of generation and of the training step (bf16 = Lightning's bf16-mixed)" + d)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="autocast of generation and of the training step (bf16 = Lightning's bf16-mixed); "
+                        "auto as in `generate` (on a CPU: bf16 decoding where it is native)" + d)
     p.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     p.add_argument("--config-dir", default=None, help="where diffusion.yaml etc. live (default: the repo's configs/)")
     p.add_argument("--overlays", nargs="+", default=[],
@@ -99,10 +108,12 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--smoke")
     else:
         parts += ["--sizes", *map(str, args.sizes), "--frames", *map(str, args.frames), "--steps", str(args.steps)]
+    if args.guidance != "config":
+        parts += ["--guidance", args.guidance]
     parts += ["--latents", *args.latents, "--mem-cap-gb", f"{args.mem_cap_gb:g}",
               "--decode-sample-chunks", str(args.decode_sample_chunks), "--train-steps", str(args.train_steps),
               "--timeout-s", f"{args.timeout_s:g}", "--device", args.device]
-    if args.precision != "fp32":
+    if args.precision != "auto":
         parts += ["--precision", args.precision]
     if args.threads:
         parts += ["--threads", str(args.threads)]
@@ -228,6 +239,29 @@ def _sync(device: "torch.device") -> None:  # noqa: F821
         torch.cuda.synchronize(device)
 
 
+def guidance_projection(sampling: dict[str, Any], step_s: list[float], guidance: str) -> dict[str, Any]:
+    """Measured step times -> the configured number of steps, with the sampler's guidance plan:
+    full steps (every branch) and reuse steps (one forward + the kept correction) are timed
+    apart and projected by how many of each the configured steps make."""
+    from microscope_pl.diffusion.samplers import full_guidance_steps, guidance_plan
+    from microscope_pl.models.config import SamplingConfig, from_dict
+
+    cfg = from_dict(SamplingConfig, sampling)
+    plan = guidance_plan(1.0, 1.0) if guidance == "off" else guidance_plan(cfg.audio_scale, cfg.motion_scale)
+    every = 1 if guidance == "off" else cfg.guidance_every
+    measured = full_guidance_steps(plan, len(step_s), every)
+    full = [s for s, f in zip(step_s, measured) if f]
+    reuse = [s for s, f in zip(step_s, measured) if not f]
+    projected = full_guidance_steps(plan, cfg.steps, every)
+    full_s = sum(full) / len(full)
+    reuse_s = sum(reuse) / len(reuse) if reuse else full_s  # a run too short to reach a reuse step
+    n_full = sum(projected)
+    return {"branches": len(plan), "guidance_every": every, "projected_steps": cfg.steps,
+            "forwards_per_step": (n_full * len(plan) + cfg.steps - n_full) / cfg.steps,
+            "full_step_s": full_s, "reuse_step_s": reuse_s if reuse else None,
+            "projected_s": n_full * full_s + (cfg.steps - n_full) * reuse_s}
+
+
 def _generate_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMemory) -> dict[str, Any]:
     """Denoise the whole clip for `steps` steps, then decode a sample of chunks, as `generate` does."""
     import torch
@@ -240,14 +274,20 @@ def _generate_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMe
              "audio": torch.randn(1, n, pipeline.denoiser.audio_dim, generator=gen).to(device),
              "pose": torch.zeros(1, n, 6, device=device), "blink": torch.zeros(1, n, 2, device=device)}
     pipeline.eval()
+    scales = {"audio_scale": 1.0, "motion_scale": 1.0} if case["guidance"] == "off" else {}
+    ends: list[float] = []
+
+    def stamp(i: int, total: int) -> None:
+        _sync(device)
+        ends.append(time.perf_counter())
 
     def denoise(steps: int) -> "torch.Tensor":
-        with precision_autocast(case["precision"], device):
-            return pipeline.sample_latents(batch, generator=gen, steps=steps, audio_scale=1.0, motion_scale=1.0)
+        with precision_autocast(case["precision"], device, stage="denoise"):
+            return pipeline.sample_latents(batch, generator=gen, steps=steps, progress=stamp, **scales)
 
     def decode(z: "torch.Tensor", chunks: int) -> int:
         decoded = 0
-        with torch.no_grad(), precision_autocast(case["precision"], device):
+        with torch.no_grad(), precision_autocast(case["precision"], device, stage="decode"):
             for i, frames in enumerate(pipeline.decode_chunks(batch["reference"], z, case["decode_chunk"])):
                 frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                 decoded += frames.shape[0]
@@ -259,11 +299,15 @@ def _generate_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMe
         denoise(1)
         decode(torch.zeros(pipeline.latent_shape(1, min(n, case["decode_chunk"])), device=device), 1)
     mem.reset()
+    ends.clear()
     start = time.perf_counter()
     z = denoise(case["steps"])
     _sync(device)
     denoise_s = time.perf_counter() - start
-    denoise = {"steps": case["steps"], "seconds": denoise_s, "per_step_s": denoise_s / case["steps"], **mem.read()}
+    step_s = [b - a for a, b in zip([start, *ends[:-1]], ends)]  # the first also pays E(x_src)
+    denoise = {"steps": case["steps"], "seconds": denoise_s, "step_s": step_s, "per_step_s": denoise_s / case["steps"],
+               **guidance_projection(case["widths"]["sampling"], step_s, case["guidance"]), **mem.read()}
+    denoise["per_frame_s"] = denoise["projected_s"] / n
 
     mem.reset()
     start = time.perf_counter()
@@ -332,7 +376,11 @@ def _worker(case: dict[str, Any], conn: Any, cap_bytes: int) -> None:
         pipeline = _build(case, device)
         codec = pipeline.codec
         side = case["size"] // codec.latent_down
+        from microscope_pl.inference.generate import resolve_precision
+
         conn.send({"event": "built", "torch": torch.__version__, "device": str(device),
+                   "precisions": {stage: resolve_precision(case["precision"], device, stage)
+                                  for stage in ("denoise", "decode")},
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                    "threads": torch.get_num_threads(), "runtime_rss_gb": runtime,
                    "model_rss_gb": _status_kb("VmRSS") * 1024 / GB,
@@ -397,7 +445,7 @@ def run_isolated(ctx: Any, case: dict[str, Any], cap_bytes: int, timeout_s: floa
 def run_bench(args: argparse.Namespace) -> int:
     """`bench generate`: every case in its own process, then report.md/json/png."""
     if args.smoke:
-        args.sizes, args.frames, args.steps = [64], [8, 16], 1
+        args.sizes, args.frames, args.steps = [64], [8, 16], 2
         args.decode_sample_chunks, args.train_steps = 1, 1
     for name in ("steps", "decode_sample_chunks", "train_steps"):
         if getattr(args, name) < 1:
@@ -416,7 +464,7 @@ def run_bench(args: argparse.Namespace) -> int:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(WORKER_MODULES)  # import torch once; each case is a fresh fork of that
     base = {"device": args.device, "precision": args.precision, "threads": args.threads, "widths": widths,
-            "steps": args.steps,
+            "steps": args.steps, "guidance": args.guidance,
             "decode_chunk": int(widths["sampling"].get("decode_chunk", 16)),
             "decode_sample_chunks": args.decode_sample_chunks, "train_steps": args.train_steps}
     rows: list[dict[str, Any]] = []
@@ -441,7 +489,7 @@ def run_bench(args: argparse.Namespace) -> int:
               "settings": {"mem_cap_gb": args.mem_cap_gb, "steps_run": args.steps,
                            "steps_projected": int(widths["sampling"].get("steps", 20)),
                            "decode_chunk": base["decode_chunk"], "decode_sample_chunks": args.decode_sample_chunks,
-                           "train_frames": TRAIN_FRAMES, "device": args.device, "precision": args.precision,
+                           "train_frames": TRAIN_FRAMES, "guidance": args.guidance, "device": args.device, "precision": args.precision,
                            "timeout_s": args.timeout_s},
               "cases": rows}
     write_report(out, report)
@@ -463,8 +511,11 @@ def _print_row(row: dict[str, Any], cap_gb: float) -> None:
         print(f"{what}: {t['step_s']:.2f} s/step, peak {t['peak_rss_gb']:.2f} GB", flush=True)
     else:
         d, c = row["denoise"], row["decode"]
-        print(f"{what}: denoise {d['per_step_s']:.2f} s/step peak {d['peak_rss_gb']:.2f} GB, "
-              f"decode {c['projected_s']:.1f} s (extrapolated) peak {c['peak_rss_gb']:.2f} GB", flush=True)
+        total = d["projected_s"] + c["projected_s"]
+        print(f"{what}: denoise {d['per_frame_s'] * 1e3:.1f} ms/frame ({d['forwards_per_step']:g} forwards/step) "
+              f"peak {d['peak_rss_gb']:.2f} GB, decode {c['per_frame_s'] * 1e3:.1f} ms/frame "
+              f"peak {c['peak_rss_gb']:.2f} GB, real-time factor {total / (row['frames'] / CLIP_FPS):.2f}",
+              flush=True)
 
 
 # ================================================================ report
@@ -486,10 +537,12 @@ def _failed(row: dict[str, Any], cap_gb: float) -> str:
     return "timeout" if row["status"] == "timeout" else "error"
 
 
-def generation_totals(row: dict[str, Any], steps_projected: int) -> tuple[float, float]:
-    """(projected generation seconds, peak GB) of an ok generate row."""
+def generation_totals(row: dict[str, Any]) -> dict[str, float]:
+    """Projected generation seconds, per frame, real-time factor and peak GB of an ok generate row."""
     d, c = row["denoise"], row["decode"]
-    return d["per_step_s"] * steps_projected + c["projected_s"], max(d["peak_rss_gb"], c["peak_rss_gb"])
+    total = d["projected_s"] + c["projected_s"]
+    return {"projected_s": total, "per_frame_s": total / row["frames"],
+            "real_time_factor": total / (row["frames"] / CLIP_FPS), "peak_rss_gb": max(d["peak_rss_gb"], c["peak_rss_gb"])}
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
@@ -498,8 +551,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     steps = settings["steps_projected"]
     for row in report["cases"]:
         if row["kind"] == "generate" and row["status"] == "ok":
-            total_s, peak = generation_totals(row, steps)
-            row["generation"] = {"projected_s": total_s, "peak_rss_gb": peak,
+            row["generation"] = {**generation_totals(row),
                                  "peak_gpu_gb": max(filter(None, [row["denoise"]["peak_gpu_gb"],
                                                                   row["decode"]["peak_gpu_gb"]]), default=None)}
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -510,37 +562,43 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"Reproduce: `{report['command']}`", "",
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, Python "
         f"{report['machine']['python']}, torch {built.get('torch', '?')}, device {built.get('device', '?')} "
-        f"({built.get('device_name', '')}, precision {settings.get('precision', 'fp32')}), "
+        f"({built.get('device_name', '')}, precision {settings.get('precision', 'fp32')}: "
+        + ", ".join(f"{k} {v}" for k, v in built.get("precisions", {}).items()) + "), "
         f"{built.get('threads', '?')} torch threads. Widths: {report['config_dir']} "
         "(denoiser from diffusion.yaml, FDE from phase1_fde.yaml, LMAE from phase2_lmae.yaml; random weights).", "",
         "Method: every case runs in its own process under a memory cap of "
         f"{cap:g} GB (RLIMIT_AS on the CPU and an RSS watchdog); a case that passes it is reported as "
         f"\"over {cap:g} GB\" and longer clips of that setting are skipped. "
-        f"**Denoising** runs the whole clip through {settings['steps_run']} DDIM step(s) (guidance scales 1: one "
-        f"denoiser forward per step); the column \"x{steps}\" is the measured time per step **scaled to "
-        f"{steps} steps**. **Decoding** times the first {settings['decode_sample_chunks']} chunk(s) of "
+        f"**Denoising** runs the whole clip through {settings['steps_run']} step(s) of the configured sampler "
+        + ("with one denoiser forward per step (guidance off)" if settings.get("guidance") == "off" else
+           "with the configured guidance (all branches on every `guidance_every`-th step, one forward plus the "
+           "kept correction between)")
+        + f"; full and reuse steps are timed apart and **projected to {steps} steps** (\"fwd/step\": denoiser "
+        f"forwards per step on average). **Decoding** times the first {settings['decode_sample_chunks']} chunk(s) of "
         f"{settings['decode_chunk']} frames (LMAE + FDE decode and uint8 conversion, no H.264 encoding) and "
-        "**extrapolates** to the clip length. Generation = both. Peaks are the process RSS high-water mark "
+        "**extrapolates** to the clip length. Generation = both; the **real-time factor** is generation seconds "
+        f"over the clip's seconds at {CLIP_FPS} fps (below 1: faster than real time). Peaks are the process RSS high-water mark "
         "per phase (VmHWM reset between phases), so they include the Python + torch runtime "
         f"(~{_gb(built.get('runtime_rss_gb'))} GB) and the weights (one denoiser copy; a checkpoint adds its EMA "
         "twin, 4 bytes per denoiser parameter)."
         + (" On CUDA one untimed denoising step and decoder chunk run first (start-up and kernel selection), "
            "and \"peak GPU\" is torch's peak allocation." if gpu else ""), "",
-        "| latent | size | frames | latent c x n x h x w | ratio | denoise s/step | denoise x"
-        f"{steps} s | decode s (extrap.) | generation s | peak denoise GB | peak decode GB | peak generation GB |"
-        + (" peak GPU GB |" if gpu else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        "| latent | size | frames | latent c x n x h x w | ratio | fwd/step | denoise x"
+        f"{steps} s | denoise s/frame | decode s/frame | generation s | real-time factor | peak denoise GB | "
+        "peak decode GB | peak generation GB |" + (" peak GPU GB |" if gpu else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for row in (r for r in report["cases"] if r["kind"] == "generate"):
         shape = " x ".join(map(str, row["latent_shape"])) if "latent_shape" in row else "-"
         ratio = f"{row['compression']:.0f}x" if "compression" in row else "-"
         head = f"| {row['latent']} | {row['size']} | {row['frames']} | {shape} | {ratio} |"
         if row["status"] != "ok":
-            lines.append(head + f" {_failed(row, cap)} |" + " - |" * (7 + gpu))
+            lines.append(head + f" {_failed(row, cap)} |" + " - |" * (9 + gpu))
             continue
         d, c, g = row["denoise"], row["decode"], row["generation"]
-        lines.append(head + f" {_secs(d['per_step_s'])} | {_secs(d['per_step_s'] * steps)} | "
-                     f"{_secs(c['projected_s'])} | {_secs(g['projected_s'])} | {_gb(d['peak_rss_gb'])} | "
+        lines.append(head + f" {d['forwards_per_step']:.3g} | {_secs(d['projected_s'])} | {_secs(d['per_frame_s'])} | "
+                     f"{_secs(c['per_frame_s'])} | {_secs(g['projected_s'])} | {g['real_time_factor']:.3g} | "
+                     f"{_gb(d['peak_rss_gb'])} | "
                      f"{_gb(c['peak_rss_gb'])} | {_gb(g['peak_rss_gb'])} |"
                      + (f" {_gb(g['peak_gpu_gb'])} |" if gpu else ""))
     lines += ["", f"## Training step (batch 1, {settings['train_frames']}-frame clip: frozen codec encodes it, "

@@ -84,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-chunk", type=int, default=16, help="frames decoded at once (bounds decoder memory)" + d)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N" + d)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 autocast on a GPU that has it, else fp32" + d)
+                   help="auto: bf16 autocast on a GPU that has it; on a CPU, fp32 denoising and bf16 decoding "
+                        "where the CPU has native bf16 (AVX512-BF16, AMX), else fp32" + d)
     p.add_argument("--audio-features", default=None,
                    help="audio features if the checkpoint does not say: logmel or hubert:<model id or dir>")
     p.add_argument("--no-face-crop", action="store_true", help="centre-crop the portrait instead of finding the face")

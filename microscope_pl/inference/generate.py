@@ -120,19 +120,44 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def precision_autocast(precision: str, device: torch.device) -> Any:
-    """Autocast context for a precision name: "auto" is bf16 on a GPU that has it, else fp32.
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (AVX512-BF16 or AMX), where oneDNN's
+    bf16 kernels are about twice as fast as fp32; elsewhere bf16 would only be emulated."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
-    Only matmuls and convolutions run in the lower precision; the sampler's
-    updates stay fp32 (x_t is fp32, so each update promotes back).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":  # Ampere (8.x) and newer have bf16 units; V100 would only emulate it
-        precision = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+
+def precision_autocast(precision: str, device: torch.device, stage: str = "denoise") -> Any:
+    """Autocast context of `resolve_precision`: none for fp32."""
+    precision = resolve_precision(precision, device, stage)
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def resolve_precision(precision: str, device: torch.device, stage: str = "denoise") -> str:
+    """"fp32", "bf16" or "fp16" for a precision name and a stage of generation ("denoise", "decode").
+
+    "auto" is bf16 on a GPU that has it (Ampere, 8.x, and newer; a V100 would only
+    emulate it) for both stages; on the CPU it is fp32 for denoising (the denoiser over
+    the tiny MDCF latent is bound by overheads, not arithmetic) and bf16 for decoding
+    where the CPU has native bf16: the decoder's convolutions are most of generation
+    there, and its frames stay within 0.1 dB PSNR of fp32 (docs/results.md). Only
+    matmuls and convolutions run in the lower precision; the sampler's updates and
+    the warps' sample positions stay fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if stage not in ("denoise", "decode"):
+        raise ValueError(f"stage must be 'denoise' or 'decode', got {stage!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+        else:
+            precision = "bf16" if stage == "decode" and device.type == "cpu" and cpu_has_bf16() else "fp32"
+    return precision
 
 
 def resolve_audio_features(record: dict[str, Any], override: str | None = None) -> str:
@@ -337,8 +362,9 @@ def run_generation(
         save_motion: also write the pose/blink conditions used to this `.npy` (`[n, 8]`).
         decode_chunk: frames decoded at once by LMAE + FDE (bounds decoder memory).
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        precision: "auto" (bf16 autocast on a GPU that supports it, else fp32),
-            "fp32", "bf16" or "fp16" (autocast of the denoiser and decoders).
+        precision: "auto" (bf16 autocast on a GPU that supports it; on a CPU, fp32
+            denoising and bf16 decoding where it has native bf16), "fp32", "bf16" or
+            "fp16" (autocast of the denoiser and decoders; see `precision_autocast`).
         progress: show rich progress bars for denoising and decoding.
         on_progress: also called as `(stage, done, total)` for "denoise" and "decode".
         max_seconds: refuse longer audio (the clip is denoised in one piece).
@@ -379,6 +405,7 @@ def run_generation(
         say(f"note: the model was trained at {TRAINED_FPS} fps; motion at {fps:g} fps is extrapolated")
     dev = resolve_device(device)
     autocast = precision_autocast(precision, dev)  # a bad precision fails before any work
+    decode_autocast = precision_autocast(precision, dev, stage="decode")
     framing = (record.get("data") or {}).get("framing")
     box, how = portrait_box(rgb, framing, face_crop)
     square, how = crop_to_box(rgb, box, size, how)
@@ -401,20 +428,22 @@ def run_generation(
     _sync(dev)
     prepared = time.perf_counter()
 
-    with _progress(progress) as bars, autocast:
+    with _progress(progress) as bars:
         stages = _Stages(bars, on_progress)
         # ---- denoise all N frames together (non-autoregressive, eq. 10)
         stages.start("denoise", total_steps)
-        z = pipeline.sample_latents(batch, generator=torch.Generator().manual_seed(seed), steps=total_steps,
-                                    audio_scale=audio_scale, motion_scale=motion_scale, sampler=sampler_name,
-                                    guidance_every=guidance_every,
-                                    progress=lambda i, n: stages.update("denoise", i + 1, n))
+        with autocast:
+            z = pipeline.sample_latents(batch, generator=torch.Generator().manual_seed(seed), steps=total_steps,
+                                        audio_scale=audio_scale, motion_scale=motion_scale, sampler=sampler_name,
+                                        guidance_every=guidance_every,
+                                        progress=lambda i, n: stages.update("denoise", i + 1, n))
         _sync(dev)
         denoised = time.perf_counter()
 
         # ---- decode in chunks, streamed to ffmpeg (temp file, renamed on success)
         stages.start("decode", num_frames)
-        with torch.no_grad(), VideoWriter(out, fps, frame_size, audio=wave, sample_rate=SAMPLE_RATE) as writer:
+        with torch.no_grad(), decode_autocast, \
+                VideoWriter(out, fps, frame_size, audio=wave, sample_rate=SAMPLE_RATE) as writer:
             for frames in pipeline.decode_chunks(batch["reference"], z, decode_chunk):
                 pixels = _to_uint8(frames)
                 writer.write(composer(pixels) if composer is not None else pixels)

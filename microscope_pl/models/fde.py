@@ -247,7 +247,7 @@ class FDE(nn.Module):
             out = block(out, skip.shape[-2:])
             m = resize_map(occ, skip.shape[-2:])
             out = m * warp(skip, grid) + (1.0 - m) * out
-        frame = torch.sigmoid(self.final(out))
+        frame = torch.sigmoid(self.final(out).float())  # fp32 from here: uint8 needs 8 exact bits
         if image is not None:
             m = resize_map(occ, frame.shape[-2:])
             frame = m * warp(image, grid) + (1.0 - m) * frame

@@ -138,8 +138,16 @@ class LatentDiffusionModule(PhaseModule):
             cache = data.cache if data.cache is not None else load_cache(path)
             check_cache(cache, self.hparams.latent, self.hparams.image_size, self.upstream_record.get("sha256"), path)
 
+    def ema_decay_now(self) -> float:
+        """The EMA decay at this step: 0 (a copy) during the lr warmup, then
+        min(ema_decay, (1 + s) / (10 + s)) s steps after it, so the average spans
+        about the last s / 10 steps early on instead of lagging by 1 / (1 - ema_decay):
+        a short run samples from weights that have learned what the live ones have."""
+        s = self.global_step - self.optim.warmup_steps
+        return 0.0 if s <= 0 else min(self.hparams.ema_decay, (1.0 + s) / (10.0 + s))
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        decay = self.hparams.ema_decay if self.global_step > self.optim.warmup_steps else 0.0
+        decay = self.ema_decay_now()
         with torch.no_grad():
             for ema, live in ((self.ema.denoiser, self.pipeline.denoiser), (self.ema.image_cond, self.pipeline.image_cond)):
                 for e, p in zip(ema.parameters(), live.parameters()):
