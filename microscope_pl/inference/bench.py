@@ -266,7 +266,7 @@ def _generate_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMe
     """Denoise the whole clip for `steps` steps, then decode a sample of chunks, as `generate` does."""
     import torch
 
-    from microscope_pl.inference.generate import precision_autocast
+    from microscope_pl.inference.generate import _to_uint8, precision_autocast
 
     n, size = case["frames"], case["size"]
     gen = torch.Generator().manual_seed(0)
@@ -289,7 +289,7 @@ def _generate_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMe
         decoded = 0
         with torch.no_grad(), precision_autocast(case["precision"], device, stage="decode"):
             for i, frames in enumerate(pipeline.decode_chunks(batch["reference"], z, case["decode_chunk"])):
-                frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                _to_uint8(frames)  # as generate hands frames to the video writer
                 decoded += frames.shape[0]
                 if i + 1 >= chunks:
                     break
