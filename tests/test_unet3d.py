@@ -281,3 +281,21 @@ def test_overfits_fixed_batch() -> None:
     after = eval_loss()
     assert before == pytest.approx(noise_eval.pow(2).mean().item())
     assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("mode", ["cross_attn", "film"])
+def test_per_frame_chunks_at_inference_give_the_same_output(mode: str, monkeypatch) -> None:
+    import microscope_pl.models.unet3d as unet3d
+
+    model = randomise(tiny(cond_mode=mode, attn_levels=(0, 1), temporal_window=2))
+    kw = inputs(b=2, n=7)
+    whole = model(**kw)  # gradients on: the per-frame layers see all 14 frames at once
+    monkeypatch.setattr(unet3d, "FRAME_CHUNK", 3)  # 14 frames -> chunks of 3, 3, 3, 3, 2
+    seen = []
+    blocks = [m for m in model.modules() if isinstance(m, (unet3d.SpaceTimeResBlock, unet3d.SpatialAttention))]
+    for layer in (m for block in blocks for m in block.modules() if isinstance(m, torch.nn.GroupNorm)):
+        layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))  # every per-frame norm
+    with torch.no_grad():
+        chunked = model(**kw)
+    assert seen and max(seen) == 3
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5, rtol=1e-5)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,20 @@ class ConditionEncoder(nn.Module):
 # Blocks (all per frame except the temporal conv / attention)
 # --------------------------------------------------------------------------
 
+#: frames per chunk of the per-frame layers at inference: a long clip's intermediates
+#: then stay in the CPU cache, so a frame costs the same in a 1600-frame clip as in a
+#: 200-frame one (docs/results.md, denoiser cost per frame)
+FRAME_CHUNK = 128
+
+
+def per_frame(fn: Callable[..., Tensor], x: Tensor, *args: Tensor) -> Tensor:
+    """``fn(x, *args)`` for a layer that treats every frame on its own (``(b n) ...`` tensors),
+    run in chunks of :data:`FRAME_CHUNK` frames when no gradient is taken; the same result."""
+    if torch.is_grad_enabled() or x.shape[0] <= FRAME_CHUNK:
+        return fn(x, *args)
+    return torch.cat([fn(x[i:i + FRAME_CHUNK], *(a[i:i + FRAME_CHUNK] for a in args))
+                      for i in range(0, x.shape[0], FRAME_CHUNK)])
+
 
 class SpaceTimeResBlock(SiLUResBlock):
     """ADM ResBlock with scale-shift time modulation, plus a temporal conv.
@@ -192,9 +206,9 @@ class SpaceTimeResBlock(SiLUResBlock):
         assert self.emb is not None
         ss = self.emb(F.silu(ctx.emb))  # b n' 2c
         ss = ss.expand(ctx.b, ctx.n, ss.shape[-1]).reshape(ctx.b * ctx.n, -1, 1, 1)
-        h = super().forward(x, ss)
+        h = per_frame(super().forward, x, ss)
         if self.tconv is not None:
-            t = rearrange(F.silu(self.tnorm(h)), "(b n) c h w -> b c n h w", b=ctx.b)
+            t = rearrange(per_frame(lambda y: F.silu(self.tnorm(y)), h), "(b n) c h w -> b c n h w", b=ctx.b)
             h = h + rearrange(self.tconv(t), "b c n h w -> (b n) c h w")
         return h
 
@@ -207,10 +221,10 @@ class _Stage(nn.ModuleList):
             if isinstance(layer, SpaceTimeResBlock):
                 x = layer(x, ctx)
             elif isinstance(layer, SpatialAttention):
-                x = layer(x)
+                x = per_frame(layer, x)
             elif isinstance(layer, CrossAttention):
                 assert ctx.tokens is not None
-                x = layer(x, ctx.tokens)
+                x = per_frame(layer, x, ctx.tokens)
             elif isinstance(layer, TemporalAttention):
                 x = layer(x, ctx.b, ctx.n)
             else:
