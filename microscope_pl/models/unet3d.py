@@ -153,9 +153,8 @@ class ConditionEncoder(nn.Module):
 # Blocks (all per frame except the temporal conv / attention)
 # --------------------------------------------------------------------------
 
-#: frames per chunk of the per-frame layers at inference: a long clip's intermediates
-#: then stay in the CPU cache, so a frame costs the same in a 1600-frame clip as in a
-#: 200-frame one (docs/results.md, denoiser cost per frame)
+#: frames per chunk of the per-frame layers at inference, so that a long clip's
+#: intermediates stay in the CPU cache (docs/results.md, denoiser cost per frame)
 FRAME_CHUNK = 128
 
 
