@@ -35,7 +35,7 @@ BUDGETS = {"phase1": (5.0, 0.5), "phase2": (3.5, 0.4), "pbnet": (1.5, 0.2), "dif
 # the diffusion phase's loss weighs the latent cells under the mouth box 1 + this: the audio
 # decides little else, so the plain loss learns it late (docs/results.md, the demo)
 DEMO_MOUTH_WEIGHT = 10.0
-# and twice the config's learning rate: 8 minutes are ~500 steps (docs/results.md, the demo)
+# and twice the config's learning rate: 8 minutes are 450-740 steps (docs/results.md, the demo)
 DEMO_DIFFUSION_LR = 1.0e-3
 # synthetic data: (videos, seconds) for the full demo and --quick
 DATA = {False: (40, 8.0), True: (4, 2.5)}  # full: the same set as `make data`
@@ -119,6 +119,20 @@ def ensure_latent_cache(references: int) -> Path:
     return LATENT_CACHE
 
 
+def phase_overrides(phase: str, minutes: float, trainer_config: str, cache: Path | None = None) -> list[str]:
+    """The demo's options of `microscope fit --config configs/<phase>.yaml` for one phase."""
+    # validate every epoch: a phase stopped by its budget validates once more on the way out,
+    # so even a short run leaves reconstructions, val figures and a best.ckpt
+    extra = ["--config", trainer_config, "--trainer.max_time", max_time(minutes),
+             "--trainer.check_val_every_n_epoch", "1"]
+    if phase == "diffusion":
+        if cache is not None:
+            extra += ["--data.init_args.latent_cache", str(cache)]
+        extra += ["--model.init_args.mouth_weight", str(DEMO_MOUTH_WEIGHT),
+                  "--model.init_args.optimizer.lr", str(DEMO_DIFFUSION_LR)]
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
     """Data -> four training phases -> generated video; returns the exit code."""
     args = parse_args(argv)
@@ -142,19 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         budget = BUDGETS[phase][1 if args.quick else 0] if budget is None else budget
         _stage(f"{phase}: {PHASES[phase].summary} (budget {budget:g} min)")
         t = time.perf_counter()
-        # validate every epoch: a phase stopped by its budget validates once more on the way out,
-        # so even a short run leaves reconstructions, val figures and a best.ckpt
-        extra = ["--config", args.trainer_config, "--trainer.max_time", max_time(budget),
-                 "--trainer.check_val_every_n_epoch", "1"]
+        cache = None
         if phase == "diffusion" and not (checkpoint_dir("diffusion") / "last.ckpt").is_file():
             cache = ensure_latent_cache(CACHE_REFERENCES[1 if args.quick else 0])
             timings["latent cache"] = time.perf_counter() - t
             print(f"[latent cache] {timings['latent cache'] / 60:.1f} min", flush=True)
             t = time.perf_counter()
-            extra += ["--data.init_args.latent_cache", str(cache)]
-        if phase == "diffusion":
-            extra += ["--model.init_args.mouth_weight", str(DEMO_MOUTH_WEIGHT),
-                      "--model.init_args.optimizer.lr", str(DEMO_DIFFUSION_LR)]
+        extra = phase_overrides(phase, budget, args.trainer_config, cache)
         code = run_phases(phase, extra, only=phase)  # skips the phase when its last.ckpt exists
         timings[phase] = time.perf_counter() - t
         print(f"[{phase}] finished in {timings[phase] / 60:.1f} min", flush=True)

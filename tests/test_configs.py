@@ -223,3 +223,21 @@ def test_ablation_config_over_the_real_overlays(variant: str, tmp_path: Path) ->
     assert setting(config, "data.holdout_seconds") == 2.0 and setting(config, "data.data_root") == str(plan.data)
     for key, value in also.items():
         assert setting(config, key) == value, key
+
+
+@pytest.mark.parametrize("phase", ["phase1", "phase2", "pbnet", "diffusion"])
+def test_demo_phase_overrides_compose(phase: str) -> None:
+    """`make demo`'s options over each phase config: its budget, validation every epoch, and for
+    diffusion the latent cache, the mouth weight and the learning rate."""
+    from microscope_pl import demo
+    from microscope_pl.phases import PHASES
+
+    cache = Path("data/synth/latents_mdcf.pt") if phase == "diffusion" else None
+    extra = demo.phase_overrides(phase, 8.0, str(CONFIGS / "trainer" / "cpu.yaml"), cache)
+    config = compose(["--config", str(REPO / PHASES[phase].config), *extra])
+    assert config["trainer"]["max_time"] == "00:00:08:00"
+    assert config["trainer"]["check_val_every_n_epoch"] == 1
+    if phase == "diffusion":
+        assert setting(config, "data.latent_cache") == str(cache)
+        assert setting(config, "model.mouth_weight") == demo.DEMO_MOUTH_WEIGHT
+        assert setting(config, "model.optimizer.lr") == demo.DEMO_DIFFUSION_LR
