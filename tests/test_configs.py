@@ -17,7 +17,7 @@ from jsonargparse import dict_to_namespace
 from helpers import REPO
 from microscope_pl import ablations
 from microscope_pl.cli import apply_run, main
-from microscope_pl.phases import PHASE_MODULES
+from microscope_pl.phases import ORDER, PHASE_MODULES, PHASES
 
 CONFIGS = REPO / "configs"
 ON, OFF = "on", "off"
@@ -225,12 +225,11 @@ def test_ablation_config_over_the_real_overlays(variant: str, tmp_path: Path) ->
         assert setting(config, key) == value, key
 
 
-@pytest.mark.parametrize("phase", ["phase1", "phase2", "pbnet", "diffusion"])
+@pytest.mark.parametrize("phase", ORDER)
 def test_demo_phase_overrides_compose(phase: str) -> None:
     """`make demo`'s options over each phase config: its budget, validation every epoch, and for
     diffusion the latent cache, the mouth weight and the learning rate."""
     from microscope_pl import demo
-    from microscope_pl.phases import PHASES
 
     cache = Path("data/synth/latents_mdcf.pt") if phase == "diffusion" else None
     extra = demo.phase_overrides(phase, 8.0, str(CONFIGS / "trainer" / "cpu.yaml"), cache)
