@@ -124,7 +124,9 @@ def phase_overrides(phase: str, minutes: float, trainer_config: str, cache: Path
     # validate every epoch: a phase stopped by its budget validates once more on the way out,
     # so even a short run leaves reconstructions, val figures and a best.ckpt
     extra = ["--config", trainer_config, "--trainer.max_time", max_time(minutes),
-             "--trainer.check_val_every_n_epoch", "1"]
+             "--trainer.check_val_every_n_epoch", "1",
+             # the learning rate decays over the budget: minutes of constant lr end on a noisy step
+             "--model.init_args.optimizer.scheduler", "cosine"]
     if phase == "diffusion":
         if cache is not None:
             extra += ["--data.init_args.latent_cache", str(cache)]

@@ -227,8 +227,9 @@ def test_ablation_config_over_the_real_overlays(variant: str, tmp_path: Path) ->
 
 @pytest.mark.parametrize("phase", ORDER)
 def test_demo_phase_overrides_compose(phase: str) -> None:
-    """`make demo`'s options over each phase config: its budget, validation every epoch, and for
-    diffusion the latent cache, the mouth weight and the learning rate."""
+    """`make demo`'s options over each phase config: its budget, validation every epoch, a cosine
+    learning rate over the budget, and for diffusion the latent cache, the mouth weight and the
+    learning rate."""
     from microscope_pl import demo
 
     cache = Path("data/synth/latents_mdcf.pt") if phase == "diffusion" else None
@@ -236,6 +237,7 @@ def test_demo_phase_overrides_compose(phase: str) -> None:
     config = compose(["--config", str(REPO / PHASES[phase].config), *extra])
     assert config["trainer"]["max_time"] == "00:00:08:00"
     assert config["trainer"]["check_val_every_n_epoch"] == 1
+    assert setting(config, "model.optimizer.scheduler") == "cosine"  # decays over the budget
     if phase == "diffusion":
         assert setting(config, "data.latent_cache") == str(cache)
         assert setting(config, "model.mouth_weight") == demo.DEMO_MOUTH_WEIGHT

@@ -38,8 +38,25 @@ def test_frame_pairs_shapes_and_determinism(synth_root: Path) -> None:
 
 def test_augmentation_is_shared_by_both_frames() -> None:
     x = torch.rand(1, 3, 8, 8).repeat(2, 1, 1, 1)
-    out = augment_pair(x, torch.Generator().manual_seed(0))
+    out, _ = augment_pair(x, torch.Generator().manual_seed(0))
     assert torch.equal(out[0], out[1]) and out.shape == x.shape
+
+
+def test_pair_mouth_box_follows_the_flip(synth_root: Path) -> None:
+    """A flipped training pair carries the mirrored mouth box, an unflipped one the box itself."""
+    plain = FramePairDataset(synth_root, "train", samples_per_video=1)
+    flipped_ds = FramePairDataset(synth_root, "train", augment=True, samples_per_video=1)
+    box = plain[0]["mouth_box"]
+    assert box.shape == (4,) and bool((box >= 0).all())
+    size = plain.image_size
+    mirrored = torch.stack([size - box[2], box[1], size - box[0], box[3]])
+    seen = set()
+    for seed in range(8):  # both outcomes of the coin
+        torch.manual_seed(seed)
+        got = flipped_ds[0]["mouth_box"]
+        seen.add(tuple(got.tolist()))
+        assert torch.equal(got, box) or torch.equal(got, mirrored)
+    assert len(seen) == 2 or torch.equal(box, mirrored)
 
 
 def test_clip_alignment_and_relative_conditions(synth_root: Path) -> None:

@@ -46,3 +46,35 @@ def test_optimizer_schedules():
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == 1.0 and cosine(110) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="scheduler must be"):
         OptimizerConfig(scheduler="linear")
+    spent = [0.0]  # a time budget ends the decay even when the step horizon is far away
+    timed = OptimizerConfig(scheduler="cosine", warmup_steps=10).cosine_factor(10**6, lambda: spent[0])
+    assert timed(20) == pytest.approx(1.0, abs=1e-3)
+    spent[0] = 0.5
+    assert timed(20) == pytest.approx(0.55, abs=1e-3)
+    spent[0] = 1.0
+    assert timed(20) == pytest.approx(0.1) and timed(5) == pytest.approx(0.6)  # warm-up first
+
+
+def test_cosine_schedule_decays_over_the_time_budget(tmp_path) -> None:
+    """`max_time` with a far step horizon (max_epochs 1000, as the configs): the learning
+    rate still ends the budget near 10 %, where a step-only horizon would leave it at ~100 %."""
+    from lightning.pytorch import Trainer
+
+    from microscope_pl.modules.base import PhaseModule
+
+    class Linear(PhaseModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.optim = OptimizerConfig(lr=0.1, scheduler="cosine", warmup_steps=1)
+            self.layer = torch.nn.Linear(4, 1)
+
+        def _step(self, batch, stage):
+            return self.layer(batch[0]).pow(2).mean()
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(64, 4)), batch_size=1)
+    trainer = Trainer(max_epochs=1000, max_time={"seconds": 3}, accelerator="cpu", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    trainer.fit(Linear(), data)
+    assert trainer.global_step > 10
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 0.03

@@ -209,12 +209,21 @@ class _VideoDataset(Dataset):
     def _images(self, frames: np.ndarray) -> torch.Tensor:
         return frames_to_tensor(frames, self.image_size)
 
+    def _mouth_box(self, name: str) -> torch.Tensor:
+        """``4`` (x0, y0, x1, y1) in model pixels, or -1s when the data set has none."""
+        box, size = self.mouth_boxes[name]
+        if box is None:
+            return torch.full((4,), -1.0)
+        return torch.tensor(box, dtype=torch.float32) * (self.image_size / size)
+
 
 def augment_pair(images: torch.Tensor, generator: torch.Generator | None = None,
-                 strength: float = 0.1) -> torch.Tensor:
-    """Same random horizontal flip and colour jitter for every image of ``[k, 3, h, w]``."""
+                 strength: float = 0.1) -> tuple[torch.Tensor, bool]:
+    """Same random horizontal flip and colour jitter for every image of ``[k, 3, h, w]``;
+    returns the images and whether they were flipped."""
     rand = torch.rand(4, generator=generator)
-    if rand[0] < 0.5:
+    flipped = bool(rand[0] < 0.5)
+    if flipped:
         images = images.flip(-1)
     brightness, contrast, saturation = (1.0 + strength * (2 * rand[1:] - 1)).tolist()
     images = images * brightness
@@ -222,11 +231,12 @@ def augment_pair(images: torch.Tensor, generator: torch.Generator | None = None,
     images = (images - mean) * contrast + mean
     gray = (0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3])
     images = gray + (images - gray) * saturation
-    return images.clamp(0.0, 1.0)
+    return images.clamp(0.0, 1.0), flipped
 
 
 class FramePairDataset(_VideoDataset):
-    """Two frames of one video: ``{"source": 3 h w, "driving": 3 h w, "name": str}`` in [0, 1].
+    """Two frames of one video: ``{"source": 3 h w, "driving": 3 h w, "name": str, "mouth_box": 4}``,
+    frames in [0, 1], the box in model pixels (-1s when the data set has none).
 
     ``augment`` applies one flip + colour jitter to both frames (train only).
     """
@@ -248,9 +258,12 @@ class FramePairDataset(_VideoDataset):
         j = (i + 1 + self._randint(count - 1, gen)) % count if count > 1 else i  # j != i when possible
         i, j = lo + i, lo + j
         images = self._images(self.store.frames(name, [i, j]))
+        box = self._mouth_box(name)
         if self.augment:
-            images = augment_pair(images, gen)
-        return {"source": images[0], "driving": images[1], "name": name}
+            images, flipped = augment_pair(images, gen)
+            if flipped and bool((box >= 0).all()):  # the box follows the flip
+                box = torch.stack([self.image_size - box[2], box[1], self.image_size - box[0], box[3]])
+        return {"source": images[0], "driving": images[1], "name": name, "mouth_box": box}
 
 
 class ClipDataset(_VideoDataset):
@@ -344,10 +357,3 @@ class ClipDataset(_VideoDataset):
         if "logvar" in entry:
             out["latent_logvar"] = entry["logvar"][slot, start:start + n].float()
         return start, refs[slot], out
-
-    def _mouth_box(self, name: str) -> torch.Tensor:
-        """``4`` (x0, y0, x1, y1) in model pixels, or -1s when the data set has none."""
-        box, size = self.mouth_boxes[name]
-        if box is None:
-            return torch.full((4,), -1.0)
-        return torch.tensor(box, dtype=torch.float32) * (self.image_size / size)

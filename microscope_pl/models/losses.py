@@ -13,8 +13,9 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torchvision.ops import roi_align
 
-__all__ = ["kl_divergence", "dynamics_mse", "mouth_loss_weights"]
+__all__ = ["kl_divergence", "dynamics_mse", "mouth_loss_weights", "mouth_crops"]
 
 
 # --------------------------------------------------------------------------
@@ -115,3 +116,17 @@ def mouth_loss_weights(boxes: torch.Tensor, image_size: int, latent_hw: tuple[in
     cols = (lefts + cell > x0) & (lefts < x1)  # b w
     inside = rows[:, :, None] & cols[:, None, :] & (boxes >= 0).all(dim=1)[:, None, None]
     return (1.0 + weight * inside.float())[:, None, None]
+
+
+def mouth_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """The mouth boxes of ``images`` resampled to ``size x size``: ``k 3 size size`` for the
+    k samples that have a box (``boxes`` ``b 4`` (x0, y0, x1, y1) in pixels, -1s for none).
+
+    Not in the paper: phases 1 and 2 report the PSNR of these crops (``mouth_psnr``), since
+    the lips, a small share of the pixels, carry all of the audio's effect. Bilinear
+    ``roi_align`` with an adaptive grid (a pixel-aligned box at its own size comes back exact).
+    """
+    keep = (boxes >= 0).all(dim=1)
+    index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)
+    rois = torch.cat([index[:, None], boxes], dim=1)[keep].to(images.device, torch.float32)
+    return roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)

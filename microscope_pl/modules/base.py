@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Timer
 
 from microscope_pl.callbacks import NonFiniteLossGuard, TimedLastCheckpoint
-from microscope_pl.metrics.image import image_quality
+from microscope_pl.metrics.image import frame_psnr, image_quality
 from microscope_pl.models.config import to_dict
+from microscope_pl.models.losses import mouth_crops
 from microscope_pl.modules.settings import OptimizerConfig
 from microscope_pl.phases import FORMAT, count_parameters
 
@@ -82,8 +84,21 @@ class PhaseModule(LightningModule):
             return optimizer
         total = self.trainer.estimated_stepping_batches if self._trainer else 1
         total = int(total) if math.isfinite(total) else 10**10
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.cosine_factor(total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.optim.cosine_factor(total, self._time_spent()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _time_spent(self) -> Callable[[], float] | None:
+        """The share of --trainer.max_time this fit has used (None without a time budget), so a
+        budgeted run's schedule decays by the end of its budget; resumes keep the Timer's clock."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None) if self._trainer else None
+        if timer is None or timer.time_remaining("train") is None:
+            return None
+
+        def share() -> float:
+            spent = timer.time_elapsed("train")
+            return spent / max(1e-9, spent + timer.time_remaining("train"))
+
+        return share
 
     def on_fit_start(self) -> None:
         trainable, frozen = count_parameters(self)
@@ -122,6 +137,14 @@ class PhaseModule(LightningModule):
         self.data_record = found
 
     # ---------------------------------------------------------------- metrics
+    def mouth_psnr(self, pred: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean PSNR inside the mouth boxes of b 3 H W frames in [0, 1] (None without boxes)."""
+        if boxes is None or not bool((boxes >= 0).all(dim=1).any()):
+            return None
+        size = pred.shape[-1] // 2
+        crops = mouth_crops(pred, boxes, size).clamp(0, 1), mouth_crops(target, boxes, size)
+        return frame_psnr(*crops).clamp(max=100.0).mean()
+
     def image_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean PSNR, SSIM (and LPIPS when its backbone is available) of b 3 h w images in [0, 1]."""
         return {k: v.mean() for k, v in image_quality(pred, target, self._lpips_net()).items()}

@@ -69,6 +69,9 @@ class FDEModule(PhaseModule):
         source, driving = batch["source"], batch["driving"]
         out = self(source, driving)
         metrics = {"loss": self.loss_fn(out["frame"], driving), **self.image_metrics(out["frame"], driving)}
+        mouth = self.mouth_psnr(out["frame"], driving, batch.get("mouth_box"))
+        if mouth is not None:
+            metrics["mouth_psnr"] = mouth
         metrics["copy_source_psnr"] = self.image_metrics(source, driving)["psnr"]
         if stage == "test":  # what one global affine explains, for the learned FDE to beat
             metrics["registration_psnr"] = self.image_metrics(register_source(source, driving), driving)["psnr"]

@@ -107,6 +107,10 @@ class LMAEModule(PhaseModule):
         metrics.update({f"mdcf_{k}": v for k, v in self.image_metrics(out["frame"], driving).items()})
         metrics.update({f"fde_{k}": v for k, v in self.image_metrics(fde_frame, driving).items()})
         metrics["copy_source_psnr"] = self.image_metrics(source, driving)["psnr"]
+        for name, frame in (("mdcf", out["frame"]), ("fde", fde_frame)):  # the lips carry the audio
+            mouth = self.mouth_psnr(frame, driving, batch.get("mouth_box"))
+            if mouth is not None:
+                metrics[f"{name}_mouth_psnr"] = mouth
         metrics["compression_ratio"] = LMAE.compression_ratio(source.shape, out["mu"].shape)
         metrics["latent_mu_abs"] = out["mu"].abs().mean()
         metrics["latent_sigma"] = torch.exp(0.5 * out["logvar"]).mean()

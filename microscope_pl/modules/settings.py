@@ -21,7 +21,8 @@ class OptimizerConfig:
         lr: learning rate.
         betas: Adam betas.
         weight_decay: Adam weight decay (L2, as torch.optim.Adam applies it).
-        scheduler: "constant" (no schedule) or "cosine" (linear warm-up, then cosine decay to 10 %).
+        scheduler: "constant" (no schedule) or "cosine" (linear warm-up, then cosine decay to 10 %
+            by the last step or the end of --trainer.max_time, whichever comes first).
         warmup_steps: linear warm-up steps of "cosine" (and the EMA start of diffusion).
     """
 
@@ -38,19 +39,23 @@ class OptimizerConfig:
     def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
-    def cosine_factor(self, total_steps: int) -> Callable[[int], float]:
-        """Step -> learning-rate factor of the "cosine" schedule: linear warm-up, then
-        cosine decay to 10 % over `total_steps` (warm-up only when there is no horizon)."""
+    def cosine_factor(self, total_steps: int, time_spent: Callable[[], float] | None = None) -> Callable[[int], float]:
+        """Step -> learning-rate factor of the "cosine" schedule: linear warm-up, then cosine
+        decay to 10 % over `total_steps` or over the time budget, whichever ends first
+        (`time_spent()`: the share of --trainer.max_time used so far); warm-up only when
+        there is neither horizon."""
         total = max(1, int(total_steps))
         warmup = min(self.warmup_steps, total // 2)
-        if total > 10**9:  # max_time only: no horizon to decay over
+        if total > 10**9 and time_spent is None:  # no horizon to decay over
             return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+            progress = (step - warmup) / max(1, total - warmup)
+            if time_spent is not None:
+                progress = max(progress, time_spent())
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         return factor
 
