@@ -139,11 +139,13 @@ class PhaseModule(LightningModule):
     # ---------------------------------------------------------------- metrics
     def mouth_psnr(self, pred: torch.Tensor, target: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor | None:
         """Mean PSNR inside the mouth boxes of b 3 H W frames in [0, 1] (None without boxes)."""
-        if boxes is None or not bool((boxes >= 0).all(dim=1).any()):
+        if boxes is None:
             return None
         size = pred.shape[-1] // 2
-        crops = mouth_crops(pred, boxes, size).clamp(0, 1), mouth_crops(target, boxes, size)
-        return frame_psnr(*crops).clamp(max=100.0).mean()
+        pred_crops, target_crops = mouth_crops(pred, boxes, size).clamp(0, 1), mouth_crops(target, boxes, size)
+        if len(pred_crops) == 0:  # no sample has a box
+            return None
+        return frame_psnr(pred_crops, target_crops).clamp(max=100.0).mean()
 
     def image_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean PSNR, SSIM (and LPIPS when its backbone is available) of b 3 h w images in [0, 1]."""
