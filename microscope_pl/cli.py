@@ -183,6 +183,12 @@ def _lightning_cli(argv: list[str] | None) -> int:
         auto_configure_optimizers=False,
         parser_kwargs={"prog": "microscope"},
     )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # a DDP process group left alive can abort the interpreter at exit (gloo: "terminate
+        # called without an active exception"), failing a run that finished
+        dist.destroy_process_group()
     return 0
 
 

@@ -243,7 +243,8 @@ def test_pbnet_pose(env: dict[str, Path], tmp_path: Path) -> None:
 def test_demo_budgets_fit_the_plan() -> None:
     from microscope_pl.demo import BUDGETS, max_time
 
-    assert sum(full for full, _ in BUDGETS.values()) <= 18.5  # + start-up, data, generation ~ 20 min
+    # + ~3 min of start-up, data, latent cache and generation: 22.4 min measured at 19.5, inside 25
+    assert sum(full for full, _ in BUDGETS.values()) <= 20.0
     assert sum(quick for _, quick in BUDGETS.values()) <= 2.0
     assert max_time(6) == "00:00:06:00" and max_time(0.4) == "00:00:00:24"
 
