@@ -30,12 +30,12 @@ DATA_ROOT = Path("data/synth")  # what configs/*.yaml read
 SENTENCE = ("Hello! I am an astronaut, and this face was animated from my voice alone, "
             "by a latent video diffusion model.")
 # minutes per phase: (full demo, --quick)
-# 19.5 min of training + ~2.5 min of process start-up, data, latent cache and generation ~ 22 min on 2 cores.
+# 19.5 min of training + ~3 min of process start-up, data, latent cache and generation ~ 22.5 min on 2 cores.
 BUDGETS = {"phase1": (5.0, 0.5), "phase2": (3.5, 0.4), "pbnet": (1.5, 0.2), "diffusion": (9.5, 0.5)}
 # the diffusion phase's loss weighs the latent cells under the mouth box 1 + this: the audio
 # decides little else, so the plain loss learns it late (docs/results.md, the demo)
 DEMO_MOUTH_WEIGHT = 10.0
-# and twice the config's learning rate: 8 minutes are 450-740 steps (docs/results.md, the demo)
+# and twice the config's learning rate: 9.5 minutes are about 860 steps (docs/results.md, the demo)
 DEMO_DIFFUSION_LR = 1.0e-3
 # audio guidance of the demo's checkpoint (the config's is 4): minutes of training leave a weak
 # audio dependence that a larger scale brings out, at the same PSNR (docs/results.md, the demo)
