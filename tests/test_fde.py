@@ -309,6 +309,16 @@ def test_bf16_autocast_keeps_coordinates_in_float32() -> None:
     assert torch.allclose(warp(x.bfloat16(), grid).float(), x, atol=1e-2)
 
 
+def test_warp_broadcasts_a_source_of_batch_one() -> None:
+    x = torch.rand(1, 4, 16, 16)
+    grid = identity_grid(16, 16).expand(3, -1, -1, -1) + 0.1 * torch.rand(3, 2, 16, 16)
+    ref = warp(x.expand(3, -1, -1, -1).contiguous(), grid)
+    assert torch.equal(warp(x, grid), ref)
+    half = warp(x.bfloat16(), grid)
+    assert half.dtype == torch.bfloat16 and half.shape == (3, 4, 16, 16)
+    assert torch.allclose(half.float(), ref, atol=1e-2)
+
+
 @pytest.mark.parametrize("size", [None, (10, 14), (11, 14)])
 def test_nearest_upsample_conv_equals_upsample_then_conv(size) -> None:
     # exact 2x runs as four 2x2 convs at the source size; (11, 14) is not 2x and takes the plain path

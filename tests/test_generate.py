@@ -126,6 +126,37 @@ def test_chunked_decoding_equals_unchunked(env: dict[str, Path]) -> None:
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_copy_decodes_like_float32(env: dict[str, Path]) -> None:
+    from microscope_pl.inference.loading import load_pipeline
+
+    codec = load_pipeline(env["diffusion"])[0].codec
+    side = 64 // codec.latent_down
+    z = torch.randn(1, codec.latent_channels, 5, side, side, generator=torch.Generator().manual_seed(0))
+    features = codec.fde.encode(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    ref = codec.decode(features, z, 2)
+    out = codec.decode(features, z, 2, dtype=torch.bfloat16)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert 10 * torch.log10(1 / (out - ref).square().mean()) > 40  # dB
+    copy = codec.decoder_copy(torch.bfloat16)
+    assert copy.fde.region_predictor is None and copy.fde.flow_predictor is None  # decoding does not use them
+    assert copy.fde.final.weight.dtype == torch.bfloat16 and copy.scale.dtype == torch.float32
+    assert torch.equal(copy.scale, codec.scale) and codec.fde.final.weight.dtype == torch.float32
+
+
+def test_decode_precision_copies_for_bf16_and_autocasts_fp16() -> None:
+    from contextlib import nullcontext
+
+    from microscope_pl.inference import generate as gen
+
+    cpu = torch.device("cpu")
+    context, dtype = gen.decode_precision("bf16", cpu)
+    assert isinstance(context, nullcontext) and dtype == torch.bfloat16
+    context, dtype = gen.decode_precision("fp16", cpu)
+    assert isinstance(context, torch.autocast) and dtype is None
+    context, dtype = gen.decode_precision("fp32", cpu)
+    assert isinstance(context, nullcontext) and dtype is None
+
+
 BAD_INPUTS = {
     "missing image": (["--image", "{root}/nope.png"], "image not found"),
     "unreadable image": (["--image", "{bad_image}"], "cannot read image"),

@@ -124,12 +124,13 @@ class TalkingHeadPipeline(nn.Module):
 
     # ------------------------------------------------------------- decoding
     @torch.no_grad()
-    def decode_chunks(self, reference: Tensor, z: Tensor, chunk: int | None = None) -> Iterator[Tensor]:
+    def decode_chunks(self, reference: Tensor, z: Tensor, chunk: int | None = None,
+                      dtype: torch.dtype | None = None) -> Iterator[Tensor]:
         """Frames `k 3 H W` in [0, 1] of one clip, `chunk` at a time: reference `1 3 H W`,
         latents `1 c n h w`. E(x_src) is computed once; memory outside the latents
-        does not grow with n."""
+        does not grow with n. `dtype`: see `DynamicsCodec.decode_chunks`."""
         features = self.codec.fde.encode(reference)
-        yield from self.codec.decode_chunks(features, z, chunk or self.sampling.decode_chunk)
+        yield from self.codec.decode_chunks(features, z, chunk or self.sampling.decode_chunk, dtype)
 
     @torch.no_grad()
     def decode_clips(self, reference: Tensor, z: Tensor) -> Tensor:

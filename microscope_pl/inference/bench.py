@@ -266,7 +266,7 @@ def _generate_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMe
     """Denoise the whole clip for `steps` steps, then decode a sample of chunks, as `generate` does."""
     import torch
 
-    from microscope_pl.inference.generate import _to_uint8, precision_autocast
+    from microscope_pl.inference.generate import _to_uint8, decode_precision, precision_autocast
 
     n, size = case["frames"], case["size"]
     gen = torch.Generator().manual_seed(0)
@@ -287,8 +287,9 @@ def _generate_case(case: dict[str, Any], pipeline: Any, device: Any, mem: PeakMe
 
     def decode(z: "torch.Tensor", chunks: int) -> int:
         decoded = 0
-        with torch.no_grad(), precision_autocast(case["precision"], device, stage="decode"):
-            for i, frames in enumerate(pipeline.decode_chunks(batch["reference"], z, case["decode_chunk"])):
+        context, dtype = decode_precision(case["precision"], device)
+        with torch.no_grad(), context:
+            for i, frames in enumerate(pipeline.decode_chunks(batch["reference"], z, case["decode_chunk"], dtype)):
                 _to_uint8(frames)  # as generate hands frames to the video writer
                 decoded += frames.shape[0]
                 if i + 1 >= chunks:

@@ -137,6 +137,18 @@ def precision_autocast(precision: str, device: torch.device, stage: str = "denoi
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def decode_precision(precision: str, device: torch.device) -> tuple[Any, torch.dtype | None]:
+    """How decoding runs at `resolve_precision(precision, device, "decode")`: the context to
+    decode in and the `dtype` for `decode_chunks`. bf16 decodes with a bf16 copy of the
+    decoders (no autocast: 10-15% faster on a CPU, where autocast's casts of every layer's
+    input and output are not free); fp16 keeps autocast, whose float32 residual stream
+    does not overflow fp16's range."""
+    precision = resolve_precision(precision, device, "decode")
+    if precision == "bf16":
+        return nullcontext(), torch.bfloat16
+    return precision_autocast(precision, device, "decode"), None
+
+
 def resolve_precision(precision: str, device: torch.device, stage: str = "denoise") -> str:
     """"fp32", "bf16" or "fp16" for a precision name and a stage of generation ("denoise", "decode").
 
@@ -405,7 +417,7 @@ def run_generation(
         say(f"note: the model was trained at {TRAINED_FPS} fps; motion at {fps:g} fps is extrapolated")
     dev = resolve_device(device)
     autocast = precision_autocast(precision, dev)  # a bad precision fails before any work
-    decode_autocast = precision_autocast(precision, dev, stage="decode")
+    decode_context, decode_dtype = decode_precision(precision, dev)
     framing = (record.get("data") or {}).get("framing")
     box, how = portrait_box(rgb, framing, face_crop)
     square, how = crop_to_box(rgb, box, size, how)
@@ -442,9 +454,9 @@ def run_generation(
 
         # ---- decode in chunks, streamed to ffmpeg (temp file, renamed on success)
         stages.start("decode", num_frames)
-        with torch.no_grad(), decode_autocast, \
+        with torch.no_grad(), decode_context, \
                 VideoWriter(out, fps, frame_size, audio=wave, sample_rate=SAMPLE_RATE) as writer:
-            for frames in pipeline.decode_chunks(batch["reference"], z, decode_chunk):
+            for frames in pipeline.decode_chunks(batch["reference"], z, decode_chunk, decode_dtype):
                 pixels = _to_uint8(frames)
                 writer.write(composer(pixels) if composer is not None else pixels)
                 stages.update("decode", writer.frames_written, num_frames)

@@ -98,7 +98,7 @@ class ConvBlock(nn.Module):
         self.norm = make_norm(norm, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.norm(self.conv(x)))
+        return F.relu(self.norm(self.conv(x)), inplace=True)
 
 
 class DownBlock(nn.Module):
@@ -139,9 +139,12 @@ def nearest_upsample_conv(x: Tensor, conv: nn.Conv2d, size: Sequence[int] | None
     taps = torch.tensor(_NEAREST_PHASES, device=x.device, dtype=conv.weight.dtype)  # phase, 2, 3
     kernel = torch.einsum("aik,ockl,bjl->abocij", taps, conv.weight, taps).reshape(4 * co, -1, 2, 2)
     bias = None if conv.bias is None else conv.bias.repeat(4)
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, bias).unflatten(1, (2, 2, co))  # b, row, column phase, c, h+1, w+1
-    rows = [torch.stack([y[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], dim=-1) for a in (0, 1)]
-    return torch.stack(rows, dim=-3).reshape(x.shape[0], co, 2 * h, 2 * w)  # b c h 2 w 2 -> b c 2h 2w
+    y = F.conv2d(x, kernel, bias, padding=1).unflatten(1, (2, 2, co))  # b, row, column phase, c, h+1, w+1
+    out = y.new_empty(x.shape[0], co, h, 2, w, 2)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, :, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + w]
+    return out.view(x.shape[0], co, 2 * h, 2 * w)  # b c h 2 w 2 -> b c 2h 2w
 
 
 class UpBlock(nn.Module):
@@ -156,7 +159,7 @@ class UpBlock(nn.Module):
         self.block = ConvBlock(in_channels, out_channels, 3, norm)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        return F.relu(self.block.norm(nearest_upsample_conv(x, self.block.conv, size)))
+        return F.relu(self.block.norm(nearest_upsample_conv(x, self.block.conv, size)), inplace=True)
 
 
 class ReLUResBlock(nn.Module):
@@ -174,8 +177,11 @@ class ReLUResBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.relu(self.norm1(x)))
-        return x + self.conv2(F.relu(self.norm2(h)))
+        h = self.conv1(F.relu(self.norm1(x), inplace=True))
+        h = self.conv2(F.relu(self.norm2(h), inplace=True))
+        # in place where the dtypes agree (no autograd need: conv saves its input, not its
+        # output); under autocast x stays float32 and the sum is promoted to it
+        return h.add_(x) if h.dtype == x.dtype else x + h
 
 
 class Hourglass(nn.Module):
@@ -388,14 +394,17 @@ def warp(x: Tensor, grid: Tensor, padding_mode: str = "border") -> Tensor:
     grid warps every level of a feature pyramid. Border padding repeats the
     edge instead of pulling in zeros; it also makes coordinates outside
     [-1, 1] equivalent to the clamped ones, which is why the FDE can clamp
-    its flow to [-1, 1] without changing the warp. Returns ``b c h w``.
+    its flow to [-1, 1] without changing the warp. ``x`` of batch 1 is
+    broadcast (without a copy) to the grid's batch. Returns ``b c h w``.
     """
     grid = resize_grid(grid, x.shape[-2:])
-    if x.dtype in (torch.float16, torch.bfloat16) or grid.dtype in (torch.float16, torch.bfloat16):
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16) or grid.dtype in (torch.float16, torch.bfloat16):
         # sample positions in half precision are off by up to half a pixel at
         # 256 px (bf16 keeps 8 mantissa bits): sample in float32, cast back
-        out = F.grid_sample(x.float(), grid.float().permute(0, 2, 3, 1), mode="bilinear",
-                            padding_mode=padding_mode, align_corners=False)
-        return out.to(x.dtype)
-    return F.grid_sample(x, grid.to(x.dtype).permute(0, 2, 3, 1), mode="bilinear",
-                         padding_mode=padding_mode, align_corners=False)
+        x, grid = x.float(), grid.float()
+    if x.shape[0] == 1 and grid.shape[0] > 1:  # cast before expanding: one copy of the source
+        x = x.expand(grid.shape[0], -1, -1, -1)
+    out = F.grid_sample(x, grid.to(x.dtype).permute(0, 2, 3, 1), mode="bilinear",
+                        padding_mode=padding_mode, align_corners=False)
+    return out.to(dtype)

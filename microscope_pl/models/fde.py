@@ -222,31 +222,29 @@ class FDE(nn.Module):
         visible regions copy source detail and occluded ones are inpainted.
 
         Broadcasting: if every feature has batch 1 and ``dynamics`` batch k,
-        the features are expanded (no copy) to batch k, so a chunk of k
+        ``warp`` expands the features (no copy) to batch k, so a chunk of k
         frames decodes against one cached source. Any other batch mismatch
         raises ValueError.
         """
         if dynamics.dim() != 4 or dynamics.shape[1] != 3:
             raise ValueError(f"dynamics must be b 3 h w, got {tuple(dynamics.shape)}")
         fb, db = features[0].shape[0], dynamics.shape[0]
-        if fb != db:
-            if fb != 1:
-                raise ValueError(f"features batch {fb} != dynamics batch {db} "
-                                 "(only features of batch 1 broadcast)")
-            features = [f.expand(db, -1, -1, -1) for f in features]
+        if fb != db and fb != 1:
+            raise ValueError(f"features batch {fb} != dynamics batch {db} "
+                             "(only features of batch 1 broadcast)")
         image = None
         if self.source_skip:
             image, features = features[0], features[1:]
         if len(features) != len(self.up_blocks) + 1:
             raise ValueError(f"expected {len(self.up_blocks) + 1} feature maps from encode, "
                              f"got {len(features)}")
-        grid, occ = dynamics[:, :2], dynamics[:, 2:]
+        grid, occ = dynamics[:, :2], dynamics[:, 2:].to(features[-1].dtype)
         out = warp(features[-1], grid) * resize_map(occ, features[-1].shape[-2:])
         out = self.res_blocks(out)
         for block, skip in zip(self.up_blocks, reversed(features[:-1])):
             out = block(out, skip.shape[-2:])
-            m = resize_map(occ, skip.shape[-2:])
-            out = m * warp(skip, grid) + (1.0 - m) * out
+            m = resize_map(occ, skip.shape[-2:]).to(out.dtype)
+            out = torch.lerp(out, warp(skip, grid).to(out.dtype), m)  # m * A(skip, f) + (1 - m) * up
         frame = torch.sigmoid(self.final(out).float())  # fp32 from here: uint8 needs 8 exact bits
         if image is not None:
             m = resize_map(occ, frame.shape[-2:])

@@ -7,6 +7,7 @@ denoiser and noise schedule fit either.
 """
 from __future__ import annotations
 
+import copy
 from typing import Iterator
 
 import torch
@@ -122,24 +123,43 @@ class DynamicsCodec(nn.Module):
         if self.lmae is None:
             grid = identity_grid(z.shape[-2], z.shape[-1], z.device, z.dtype)
             return torch.cat([(z[:, :2] + grid).clamp(-1, 1), ((z[:, 2:] + 1) / 2).clamp(0, 1)], dim=1)
-        return self.lmae.decode(z)
+        return self.lmae.decode(z.to(self.lmae.dec_in.weight.dtype))
+
+    def decoder_copy(self, dtype: torch.dtype) -> DynamicsCodec:
+        """This codec cast to `dtype` for decoding, without the FDE's motion network
+        (decoding does not use it); `scale` stays float32. A clip decoded by the copy
+        skips the cast of every layer's input and output that autocast makes."""
+        fde = self.fde
+        motion = {id(m): None for m in (fde.region_predictor, fde.bg_predictor, fde.flow_predictor)
+                  if m is not None}  # deepcopy's memo maps them to None: not copied
+        codec = copy.deepcopy(self, memo=motion).to(dtype)
+        codec.scale = self.scale.clone()
+        return codec
 
     @torch.no_grad()
-    def decode_chunks(self, features: list[Tensor], z: Tensor, chunk: int = 16) -> Iterator[Tensor]:
-        """Yield frames `k 3 H W` in [0, 1] for latents `1 c n h w`, `chunk` at a time.
+    def decode_chunks(self, features: list[Tensor], z: Tensor, chunk: int = 16,
+                      dtype: torch.dtype | None = None) -> Iterator[Tensor]:
+        """Yield frames `k 3 H W` in [0, 1] (float32) for latents `1 c n h w`, `chunk` at a time.
 
         `features` are `fde.encode(reference)` with batch 1; memory outside
-        the latents does not grow with n.
+        the latents does not grow with n. `dtype` (e.g. bfloat16) decodes with
+        `decoder_copy(dtype)` and the features cast to it, except the source image
+        of `source_skip`, which stays float32 (the frames' 8 bits come from it).
         """
         if z.shape[0] != 1:
             raise ValueError(f"decode_chunks takes one clip (batch 1), got batch {z.shape[0]}")
+        codec = self
+        if dtype is not None:
+            codec, keep = self.decoder_copy(dtype), int(self.fde.source_skip)
+            features = features[:keep] + [f.to(dtype) for f in features[keep:]]
         for start in range(0, z.shape[2], chunk):
             part = rearrange(z[0, :, start:start + chunk], "c k h w -> k c h w")
-            yield self.fde.decode(features, self.latent_to_dynamics(part))
+            yield codec.fde.decode(features, codec.latent_to_dynamics(part))
 
-    def decode(self, features: list[Tensor], z: Tensor, chunk: int = 16) -> Tensor:
+    def decode(self, features: list[Tensor], z: Tensor, chunk: int = 16,
+               dtype: torch.dtype | None = None) -> Tensor:
         """All frames at once: `1 c n h w` -> `n 3 H W` (tests and short clips)."""
-        return torch.cat(list(self.decode_chunks(features, z, chunk)))
+        return torch.cat(list(self.decode_chunks(features, z, chunk, dtype)))
 
 
 class ImageCondition(nn.Module):
