@@ -45,7 +45,7 @@ def test_runner_loads_each_checkpoint_once_and_reports_progress(env: dict[str, P
                              lambda fraction, what: seen.append((fraction, what)))
     second, _ = runner.run(AppRequest(text="Hello there.", steps=1, seed=2))  # espeak-ng speech, PBNet pose
     assert first.is_file() and second.is_file() and first != second and runner.cache.loads == 1
-    assert "20 frames" in line and "1 ddim steps" in line
+    assert "20 frames" in line and "1 dpm steps" in line  # the config default sampler
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert seen[0][1] == "loading the model" and seen[-1][1] == "decode 20/20"

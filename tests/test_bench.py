@@ -21,16 +21,16 @@ def test_bench_smoke_writes_reports(tmp_path: Path) -> None:
     gen = next(c for c in cases if c["kind"] == "generate")
     d, c, g = gen["denoise"], gen["decode"], gen["generation"]
     assert d["per_step_s"] > 0 and c["projected_s"] > 0 and g["peak_rss_gb"] > 0
-    # the smoke sampler guides the audio at 4 with reuse every 4th step: of 20 steps, 5 run the
-    # three branches and 15 one forward -> 1.5 forwards per step; the 2 steps run time one of each
+    # the smoke sampler guides the audio at 4 with reuse every 4th step: of 12 steps, 3 run the
+    # three branches and 9 one forward -> 1.5 forwards per step; the 2 steps run time one of each
     assert (d["branches"], d["forwards_per_step"], len(d["step_s"])) == (3, 1.5, 2)
-    assert abs(d["projected_s"] - 5 * d["full_step_s"] - 15 * d["reuse_step_s"]) < 1e-9
+    assert abs(d["projected_s"] - 3 * d["full_step_s"] - 9 * d["reuse_step_s"]) < 1e-9
     assert d["per_frame_s"] == d["projected_s"] / gen["frames"] and c["per_frame_s"] == c["seconds"] / c["sample_frames"]
     assert g["projected_s"] == d["projected_s"] + c["projected_s"]
     assert abs(g["real_time_factor"] - g["projected_s"] / (gen["frames"] / 25)) < 1e-9
     md = (out / "report.md").read_text()
     assert "Reproduce: `microscope bench generate --smoke" in md and "| mdcf | 64 | 16 | 4 x 16 x 2 x 2 | 768x | 1.5 |" in md
-    assert "projected to 20 steps" in md and "extrapolates" in md and "real-time factor" in md
+    assert "projected to 12 steps" in md and "extrapolates" in md and "real-time factor" in md
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -50,4 +50,4 @@ def test_bench_without_guidance_projects_one_forward_per_step(tmp_path: Path) ->
     report = json.loads((out / "report.json").read_text())
     d = next(c for c in report["cases"] if c["kind"] == "generate")["denoise"]
     assert (d["branches"], d["forwards_per_step"], d["reuse_step_s"]) == (1, 1.0, None)
-    assert abs(d["projected_s"] - 20 * d["full_step_s"]) < 1e-9 and "--guidance off" in report["command"]
+    assert abs(d["projected_s"] - 12 * d["full_step_s"]) < 1e-9 and "--guidance off" in report["command"]

@@ -272,7 +272,7 @@ class SamplingConfig:
 
     Args:
         sampler: "ddim" or "dpm" (DPM-Solver++ 2M).
-        steps: sampling steps (DDIM: 20).
+        steps: sampling steps (DPM-Solver++ 2M at 12 matches DDIM at 20 in sync and PSNR).
         audio_scale: classifier-free guidance scale of the audio condition.
         motion_scale: guidance scale of the pose/blink condition.
         guidance_every: evaluate the guidance branches every k-th step and reuse their
@@ -280,8 +280,8 @@ class SamplingConfig:
         decode_chunk: frames decoded at once by LMAE + FDE.
     """
 
-    sampler: str = "ddim"
-    steps: int = 20
+    sampler: str = "dpm"
+    steps: int = 12
     audio_scale: float = 1.0
     motion_scale: float = 1.0
     guidance_every: int = 4
