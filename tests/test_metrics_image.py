@@ -9,7 +9,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from microscope_pl.metrics.common import MetricUnavailable
-from microscope_pl.metrics.image import LPIPSMetric, lpips_backbone_path, psnr, ssim
+from microscope_pl.metrics.image import LPIPSMetric, image_quality, lpips_backbone_path, psnr, ssim
 
 
 @pytest.fixture
@@ -34,6 +34,22 @@ def test_psnr_ssim_equal_torchmetrics(pair: tuple[torch.Tensor, torch.Tensor]) -
     # Clips b n 3 h w are flattened to frames.
     assert psnr(pred[None], target[None]) == pytest.approx(psnr(pred, target))
     assert ssim(target, target) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_image_quality_is_float32_inside_bf16_autocast() -> None:
+    # a bf16-mixed test step: SSIM's window sums in bf16 cancel to noise on smooth images
+    g = torch.Generator().manual_seed(0)
+    target = torch.nn.functional.interpolate(torch.rand(2, 3, 8, 8, generator=g), size=64, mode="bilinear") * 0.5 + 0.4
+    pred = (target + 0.01 * torch.randn(target.shape, generator=g)).clamp(0, 1)
+    def lpips(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # a conv, as LPIPS's network is
+        return torch.nn.functional.conv2d(p, torch.full((1, 3, 3, 3), 1 / 27)).sub(t[:, :1, 1:-1, 1:-1]).abs().mean()
+
+    ref = image_quality(pred, target, lpips)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = image_quality(pred, target, lpips)
+    assert ref["ssim"] > 0.9 and float(mixed["ssim"]) == pytest.approx(float(ref["ssim"]), abs=1e-6)
+    assert float(mixed["lpips"]) == pytest.approx(float(ref["lpips"]), rel=1e-5)
+    assert torch.allclose(mixed["psnr"], ref["psnr"])
 
 
 def test_psnr_cap_keeps_identical_frames_finite(pair: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -70,9 +70,16 @@ def frame_psnr(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def frame_ssim(pred: Tensor, target: Tensor) -> Tensor:
-    """SSIM of each frame (Gaussian window 11, sigma 1.5, data range 1): ``b 3 h w`` pairs -> ``b``."""
+    """SSIM of each frame (Gaussian window 11, sigma 1.5, data range 1): ``b 3 h w`` pairs -> ``b``.
+
+    Computed in float32 even inside autocast (a bf16-mixed validation or test step): its
+    window sums are convolutions, and ``E[x^2] - E[x]^2`` in bf16 cancels to noise on smooth
+    images (a face's SSIM came out negative).
+    """
     _check_frames(pred, target)
-    return structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")
+    with torch.autocast(pred.device.type, enabled=False):
+        return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0,
+                                                   reduction="none")
 
 
 def image_quality(pred: Tensor, target: Tensor, lpips: LPIPSFn | None = None) -> dict[str, Tensor]:
@@ -90,7 +97,8 @@ def image_quality(pred: Tensor, target: Tensor, lpips: LPIPSFn | None = None) ->
     target = target.float()
     out = {"psnr": frame_psnr(pred, target), "ssim": frame_ssim(pred, target).mean()}
     if lpips is not None:
-        value = lpips(pred, target)
+        with torch.autocast(pred.device.type, enabled=False):  # float32 like the other metrics
+            value = lpips(pred, target)
         out["lpips"] = value.mean() if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
     return out
 
