@@ -113,8 +113,9 @@ def test_api_with_pose_file_and_timings(env: dict[str, Path], tmp_path: Path) ->
     assert not (tmp_path / "c.mp4").exists()
 
 
-def test_chunked_decoding_equals_unchunked(env: dict[str, Path]) -> None:
+def test_chunked_decoding_equals_unchunked(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from microscope_pl.inference.loading import load_pipeline
+    from microscope_pl.models import mdcf
 
     codec = load_pipeline(env["diffusion"])[0].codec
     side = 64 // codec.latent_down
@@ -124,6 +125,10 @@ def test_chunked_decoding_equals_unchunked(env: dict[str, Path]) -> None:
     whole = torch.cat(list(codec.decode_chunks(features, z, 1000)))
     assert chunked.shape == (7, 3, 64, 64)
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(mdcf, "CPU_DECODE_PIXELS", 1)  # the CPU's passes: 2 frames each
+    parts = list(codec.decode_chunks(features, z, 5))
+    assert [len(p) for p in parts] == [5, 2]  # what is yielded is still the chunk
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_copy_decodes_like_float32(env: dict[str, Path]) -> None:
