@@ -238,8 +238,9 @@ class FDE(nn.Module):
         if len(features) != len(self.up_blocks) + 1:
             raise ValueError(f"expected {len(self.up_blocks) + 1} feature maps from encode, "
                              f"got {len(features)}")
-        grid, occ = dynamics[:, :2], dynamics[:, 2:].to(features[-1].dtype)
-        out = warp(features[-1], grid) * resize_map(occ, features[-1].shape[-2:])
+        grid, occ = dynamics[:, :2], dynamics[:, 2:]
+        dtype = self.final.weight.dtype  # bf16 for `DynamicsCodec.decoder_copy`, float32 under autocast
+        out = (warp(features[-1], grid) * resize_map(occ, features[-1].shape[-2:])).to(dtype)
         out = self.res_blocks(out)
         for block, skip in zip(self.up_blocks, reversed(features[:-1])):
             out = block(out, skip.shape[-2:])

@@ -150,15 +150,12 @@ class DynamicsCodec(nn.Module):
 
         `features` are `fde.encode(reference)` with batch 1; memory outside
         the latents does not grow with n. `dtype` (e.g. bfloat16) decodes with
-        `decoder_copy(dtype)` and the features cast to it, except the source image
-        of `source_skip`, which stays float32 (the frames' 8 bits come from it).
+        `decoder_copy(dtype)`; the features stay as they are (the FDE only warps
+        them, and warps sample in float32).
         """
         if z.shape[0] != 1:
             raise ValueError(f"decode_chunks takes one clip (batch 1), got batch {z.shape[0]}")
-        codec = self
-        if dtype is not None:
-            codec, keep = self.decoder_copy(dtype), int(self.fde.source_skip)
-            features = features[:keep] + [f.to(dtype) for f in features[keep:]]
+        codec = self if dtype is None else self.decoder_copy(dtype)
         pixels = features[-1].shape[-2] * features[-1].shape[-1] * self.fde.downsample ** 2
         step = max(2, CPU_DECODE_PIXELS // pixels) if z.device.type == "cpu" else chunk
         for start in range(0, z.shape[2], chunk):
