@@ -140,7 +140,7 @@ def precision_autocast(precision: str, device: torch.device, stage: str = "denoi
 def decode_precision(precision: str, device: torch.device) -> tuple[Any, torch.dtype | None]:
     """How decoding runs at `resolve_precision(precision, device, "decode")`: the context to
     decode in and the `dtype` for `decode_chunks`. bf16 decodes with a bf16 copy of the
-    decoders (no autocast: 10-15% faster on a CPU, where autocast's casts of every layer's
+    decoders (no autocast: 6-16% faster on a CPU, where autocast's casts of every layer's
     input and output are not free); fp16 keeps autocast, whose float32 residual stream
     does not overflow fp16's range."""
     precision = resolve_precision(precision, device, "decode")

@@ -179,8 +179,8 @@ class ReLUResBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.relu(self.norm1(x), inplace=True))
         h = self.conv2(F.relu(self.norm2(h), inplace=True))
-        # in place where the dtypes agree (no autograd need: conv saves its input, not its
-        # output); under autocast x stays float32 and the sum is promoted to it
+        # in place where the dtypes agree (autograd allows it: a conv's backward needs its
+        # input, not its output); under autocast x stays float32 and the sum is promoted to it
         return h.add_(x) if h.dtype == x.dtype else x + h
 
 
