@@ -35,7 +35,7 @@ BUDGETS = {"phase1": (5.0, 0.5), "phase2": (3.5, 0.4), "pbnet": (1.5, 0.2), "dif
 # the diffusion phase's loss weighs the latent cells under the mouth box 1 + this: the audio
 # decides little else, so the plain loss learns it late (docs/results.md, the demo)
 DEMO_MOUTH_WEIGHT = 10.0
-# and twice the config's learning rate: 9.5 minutes are about 860 steps (docs/results.md, the demo)
+# and twice the config's learning rate (steps per run: docs/results.md, `make demo` from a clean clone)
 DEMO_DIFFUSION_LR = 1.0e-3
 # audio guidance of the demo's checkpoint (the config's is 4): minutes of training leave a weak
 # audio dependence that a larger scale brings out, at the same PSNR (docs/results.md, the demo)

@@ -272,7 +272,7 @@ class KLAutoencoder(nn.Module):
         """Decoder: ``b latent h' w' -> b c (h' 2^k) (w' 2^k)``, float32."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected b {self.latent_channels} h w latent, got shape {tuple(z.shape)}")
-        h = self.dec_mid(self.dec_in(z))
+        h = self.dec_mid(self.dec_in(z.to(self.dec_in.weight.dtype)))  # a float latent into a cast copy
         return self._from_output(self.dec_out(self.dec_blocks(h)).float(), h)
 
     def _posterior(self, x: Tensor, sample: bool,

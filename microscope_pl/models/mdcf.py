@@ -43,9 +43,9 @@ def round_trip(fde: FDE, lmae: LMAE | None, source: Tensor, driving: Tensor,
 
 
 #: On a CPU, each chunk is decoded this many pixels of frames at a time (at least 2 frames):
-#: with two 256 x 256 frames per pass the generator's activations stay in the cache, and
-#: decoding at the paper's widths is 0.134 s/frame against 0.189 for 16 frames per pass
-#: (docs/results.md). The frames are the same; `decode_chunk` still sets what is yielded.
+#: with two 256 x 256 frames per pass the generator's activations stay in the cache
+#: (docs/results.md, frames per pass). The frames are the same; `decode_chunk` still sets
+#: what is yielded.
 CPU_DECODE_PIXELS = 2 * 256 * 256
 
 
@@ -130,7 +130,7 @@ class DynamicsCodec(nn.Module):
         if self.lmae is None:
             grid = identity_grid(z.shape[-2], z.shape[-1], z.device, z.dtype)
             return torch.cat([(z[:, :2] + grid).clamp(-1, 1), ((z[:, 2:] + 1) / 2).clamp(0, 1)], dim=1)
-        return self.lmae.decode(z.to(self.lmae.dec_in.weight.dtype))
+        return self.lmae.decode(z)
 
     def decoder_copy(self, dtype: torch.dtype) -> DynamicsCodec:
         """This codec cast to `dtype` for decoding, without the FDE's motion network
@@ -160,8 +160,9 @@ class DynamicsCodec(nn.Module):
         step = max(2, CPU_DECODE_PIXELS // pixels) if z.device.type == "cpu" else chunk
         for start in range(0, z.shape[2], chunk):
             part = rearrange(z[0, :, start:start + chunk], "c k h w -> k c h w")
-            yield torch.cat([codec.fde.decode(features, codec.latent_to_dynamics(part[i:i + step]))
-                             for i in range(0, part.shape[0], step)])
+            frames = [codec.fde.decode(features, codec.latent_to_dynamics(part[i:i + step]))
+                      for i in range(0, part.shape[0], step)]
+            yield frames[0] if len(frames) == 1 else torch.cat(frames)
 
     def decode(self, features: list[Tensor], z: Tensor, chunk: int = 16,
                dtype: torch.dtype | None = None) -> Tensor:
