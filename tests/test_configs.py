@@ -228,7 +228,7 @@ def test_ablation_config_over_the_real_overlays(variant: str, tmp_path: Path) ->
 @pytest.mark.parametrize("phase", ORDER)
 def test_demo_phase_overrides_compose(phase: str) -> None:
     """`make demo`'s options over each phase config: its budget, validation every epoch, a cosine
-    learning rate over the budget, and for diffusion the latent cache (read in the main process),
+    learning rate over the budget, phase 2's dynamics MSE weight, and for diffusion the latent cache (read in the main process),
     the mouth weight, the learning rate and the audio guidance its checkpoint samples with."""
     from microscope_pl import demo
 
@@ -238,6 +238,8 @@ def test_demo_phase_overrides_compose(phase: str) -> None:
     assert config["trainer"]["max_time"] == "00:00:08:00"
     assert config["trainer"]["check_val_every_n_epoch"] == 1
     assert setting(config, "model.optimizer.scheduler") == "cosine"  # decays over the budget
+    if phase == "phase2":
+        assert setting(config, "model.mse_weight") == demo.DEMO_MSE_WEIGHT
     if phase == "diffusion":
         assert setting(config, "data.latent_cache") == str(cache) and setting(config, "data.num_workers") == 0
         assert setting(config, "model.mouth_weight") == demo.DEMO_MOUTH_WEIGHT
