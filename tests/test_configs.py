@@ -228,8 +228,9 @@ def test_ablation_config_over_the_real_overlays(variant: str, tmp_path: Path) ->
 @pytest.mark.parametrize("phase", ORDER)
 def test_demo_phase_overrides_compose(phase: str) -> None:
     """`make demo`'s options over each phase config: its budget, validation every epoch, a cosine
-    learning rate over the budget, phase 2's dynamics MSE weight, and for diffusion the latent cache (read in the main process),
-    the mouth weight, the learning rate and the audio guidance its checkpoint samples with."""
+    learning rate over the budget, phase 2's dynamics MSE weight, and for diffusion the latent
+    cache (read in the main process), the mouth weight, the learning rate and the audio guidance
+    its checkpoint samples with."""
     from microscope_pl import demo
 
     cache = Path("data/synth/latents_mdcf.pt") if phase == "diffusion" else None
