@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="sentence spoken by espeak-ng (default: a sentence about the demo)")
     parser.add_argument("--image", default="astronaut", help="portrait to animate (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of every training phase (default: the configs' seed_everything, 0)")
     parser.add_argument("--out", default="outputs/demo.mp4", help="the generated video (default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -127,7 +129,8 @@ def ensure_latent_cache(references: int) -> Path:
     return LATENT_CACHE
 
 
-def phase_overrides(phase: str, minutes: float, trainer_config: str, cache: Path | None = None) -> list[str]:
+def phase_overrides(phase: str, minutes: float, trainer_config: str, cache: Path | None = None,
+                    seed: int | None = None) -> list[str]:
     """The demo's options of `microscope fit --config configs/<phase>.yaml` for one phase."""
     # validate every epoch: a phase stopped by its budget validates once more on the way out,
     # so even a short run leaves reconstructions, val figures and a best.ckpt
@@ -135,6 +138,8 @@ def phase_overrides(phase: str, minutes: float, trainer_config: str, cache: Path
              "--trainer.check_val_every_n_epoch", "1",
              # the learning rate decays over the budget: minutes of constant lr end on a noisy step
              "--model.init_args.optimizer.scheduler", "cosine"]
+    if seed is not None:
+        extra += ["--seed_everything", str(seed)]
     if phase == "phase2":
         extra += ["--model.init_args.mse_weight", str(DEMO_MSE_WEIGHT)]
     if phase == "diffusion":
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             timings["latent cache"] = time.perf_counter() - t
             print(f"[latent cache] {timings['latent cache'] / 60:.1f} min", flush=True)
             t = time.perf_counter()
-        extra = phase_overrides(phase, budget, args.trainer_config, cache)
+        extra = phase_overrides(phase, budget, args.trainer_config, cache, args.seed)
         code = run_phases(phase, extra, only=phase)  # skips the phase when its last.ckpt exists
         timings[phase] = time.perf_counter() - t
         print(f"[{phase}] finished in {timings[phase] / 60:.1f} min", flush=True)

@@ -227,16 +227,16 @@ def test_ablation_config_over_the_real_overlays(variant: str, tmp_path: Path) ->
 
 @pytest.mark.parametrize("phase", ORDER)
 def test_demo_phase_overrides_compose(phase: str) -> None:
-    """`make demo`'s options over each phase config: its budget, validation every epoch, a cosine
-    learning rate over the budget, phase 2's dynamics MSE weight, and for diffusion the latent
-    cache (read in the main process), the mouth weight, the learning rate and the audio guidance
-    its checkpoint samples with."""
+    """`make demo`'s options over each phase config: its budget and seed, validation every epoch,
+    a cosine learning rate over the budget, phase 2's dynamics MSE weight, and for diffusion the
+    latent cache (read in the main process), the mouth weight, the learning rate and the audio
+    guidance its checkpoint samples with."""
     from microscope_pl import demo
 
     cache = Path("data/synth/latents_mdcf.pt") if phase == "diffusion" else None
-    extra = demo.phase_overrides(phase, 8.0, str(CONFIGS / "trainer" / "cpu.yaml"), cache)
+    extra = demo.phase_overrides(phase, 8.0, str(CONFIGS / "trainer" / "cpu.yaml"), cache, seed=3)
     config = compose(["--config", str(REPO / PHASES[phase].config), *extra])
-    assert config["trainer"]["max_time"] == "00:00:08:00"
+    assert config["trainer"]["max_time"] == "00:00:08:00" and config["seed_everything"] == 3
     assert config["trainer"]["check_val_every_n_epoch"] == 1
     assert setting(config, "model.optimizer.scheduler") == "cosine"  # decays over the budget
     if phase == "phase2":
