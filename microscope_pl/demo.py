@@ -78,7 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of every training phase (default: the configs' seed_everything, 0)")
     parser.add_argument("--out", default="outputs/demo.mp4", help="the generated video (default: %(default)s)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:  # the range seed_everything takes
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
+    return args
 
 
 def _stage(name: str) -> None:

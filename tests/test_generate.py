@@ -285,6 +285,16 @@ def test_demo_budgets_fit_the_plan() -> None:
     assert max_time(6) == "00:00:06:00" and max_time(0.4) == "00:00:00:24"
 
 
+def test_demo_refuses_a_seed_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --seed stops the demo in one line before any data or training."""
+    from microscope_pl.demo import parse_args
+
+    assert parse_args(["--seed", "7"]).seed == 7 and parse_args([]).seed is None
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--seed", "-1"])
+    assert exit_info.value.code == 2 and "--seed must be in [0, 2**32), got -1" in capsys.readouterr().err
+
+
 def test_generation_frames_and_levels_like_the_checkpoints_data(env: dict[str, Path], tmp_path: Path) -> None:
     """A checkpoint trained on prepared data carries its framing recipe and loudness target:
     generation crops the portrait with that recipe and brings the speech to that level."""
